@@ -1,0 +1,432 @@
+"""Configs: Python files with `get_config()`, command-line overrides, one validation pass.
+
+A config file returns an `ml_collections.ConfigDict` built on `base_config()`, which declares
+every key with a one-line comment. `load_config` applies `"a.b=value"` overrides, locks the
+dict (unknown keys are errors) and validates every value before anything compiles. Every error
+names the key, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MTP_LAYOUTS = ("sequential", "parallel")
+SCHEDULES = ("cosine", "wsd", "constant")
+DATA_SOURCES = ("store", "synthetic")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+class ConfigError(ValueError):
+    """A config key has an unknown name or an unacceptable value."""
+
+
+def base_config() -> ConfigDict:
+    """Every key mtp_jax understands, with its default and what it means."""
+    c = ConfigDict()
+    c.seed = 0  # PRNG seed: parameter init, data order
+
+    m = c.model = ConfigDict()
+    m.vocab_size = 259  # rows of the embedding; >= the tokenizer's vocab (padding allowed)
+    m.d_model = 128  # E, the residual width
+    m.n_layers = 2  # trunk transformer blocks (scanned)
+    m.n_heads = 4  # query heads N
+    m.n_kv_heads = 2  # key/value heads K (GQA); must divide n_heads
+    m.head_dim = 32  # H, width of each head
+    m.mlp_dim = 384  # F, hidden width of the SwiGLU MLP
+    m.mtp_depth = 2  # D, MTP depths beyond the next-token head (0 = plain next-token model)
+    m.mtp_layout = "sequential"  # 'sequential' (DeepSeek-V3 chain) or 'parallel' (Meta heads)
+    m.dtype = "float32"  # compute dtype of activations and matmuls
+    m.param_dtype = "float32"  # storage dtype of parameters
+    m.rope_theta = 10_000.0  # RoPE base frequency
+    m.norm_eps = 1e-6  # RMSNorm epsilon
+    m.tie_embeddings = True  # output head = embedding transposed (else a separate matrix)
+    m.remat_policy = "none"  # activation checkpointing per block: none | full | dots | ...
+    m.scan_layers = True  # stack trunk blocks with nn.scan (fast compiles); False = unrolled
+    m.init_std = 0.02  # stddev of the normal initialiser of weight matrices
+    m.attention_impl = "auto"  # attention kernel: auto (cuDNN on GPUs when possible) | xla | cudnn
+
+    lo = c.loss = ConfigDict()
+    lo.mtp_lambda = 0.3  # weight lambda of every MTP depth's loss (L = L0 + sum_k lambda_k L^k)
+    lo.mtp_lambda_per_depth = ()  # optional tuple of D weights; overrides mtp_lambda
+    lo.mtp_lambda_final = -1.0  # lambda after the switch (e.g. 0.1); < 0 keeps lambda constant
+    lo.mtp_lambda_switch_step = -1  # step of the switch; -1 = when the LR starts to decay
+    lo.chunk_size = 128  # sequence chunk of the remat'ed logits/loss; 0 = full [B, S, V] logits
+
+    d = c.data = ConfigDict()
+    d.source = "store"  # 'store' (tensorstore token store) or 'synthetic' (random tokens)
+    d.path = ""  # store directory (local or gs://); '' = a cache dir named after the corpus
+    d.corpus = "stdlib"  # text to prepare when the store is missing: 'stdlib', dir, glob, .jsonl
+    d.text_field = "text"  # JSONL field holding the document text
+    d.tokenizer = "byte"  # 'byte', a SentencePiece .model or a HF tokenizer.json
+    d.val_fraction = 0.02  # fraction of documents held out for eval (by document)
+    d.seq_len = 128  # S, positions scored per example (windows hold S + D + 1 tokens)
+    d.batch_size = 16  # global batch (examples per step, over all processes)
+    d.shuffle = True  # globally shuffle windows each epoch (seeded)
+    d.worker_count = 0  # Grain worker processes per host (0 = in-process)
+    d.prefetch = 2  # batches prefetched per host
+
+    t = c.train = ConfigDict()
+    t.steps = 300  # optimizer steps
+    t.lr = 3e-3  # peak learning rate
+    t.min_lr_ratio = 0.1  # final LR as a fraction of the peak
+    t.warmup_steps = 30  # linear warmup steps
+    t.schedule = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    t.decay_fraction = 0.2  # wsd: fraction of the steps spent decaying
+    t.weight_decay = 0.1  # AdamW weight decay (not applied to norms and biases)
+    t.b1 = 0.9  # AdamW beta1
+    t.b2 = 0.95  # AdamW beta2
+    t.eps = 1e-8  # AdamW epsilon
+    t.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
+    t.microbatches = 1  # gradient accumulation: microbatches per step
+    t.log_every = 25  # steps between logged metrics
+    t.eval_every = 100  # steps between evals on the validation split; 0 = never
+    t.eval_steps = 4  # batches per eval
+    t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = known chip table / measured
+
+    k = c.checkpoint = ConfigDict()
+    k.every = 100  # steps between checkpoints; 0 = only at the end
+    k.keep = 2  # most recent checkpoints kept
+    k.keep_every = 0  # additionally keep every M-th step; 0 = none
+    k.async_save = True  # save in the background while training goes on
+
+    ms = c.mesh = ConfigDict()
+    ms.data = -1  # data-parallel axis size; -1 = the devices left over
+    ms.fsdp = 1  # parameter-sharding (ZeRO-3) axis size
+    ms.tensor = 1  # tensor-parallel axis size
+    return c
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ConfigDict:
+    """Loads `get_config()` from a Python file, applies overrides, locks and validates.
+
+    Args:
+      path: a config file such as `configs/smoke.py`.
+      overrides: strings `"model.mtp_depth=3"` (a leading `--config.` is accepted too).
+    Raises:
+      ConfigError naming the key, value and what is accepted; FileNotFoundError for `path`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_mtp_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    config = module.get_config()
+    _check_keys_known(config, base_config(), where=path)
+    config = merge_into_base(config)
+    apply_overrides(config, overrides)
+    config.lock()
+    validate(config)
+    return config
+
+
+def merge_into_base(config: ConfigDict) -> ConfigDict:
+    """A full config: `base_config()` with the values of `config` (a partial one) on top."""
+    full = base_config()
+    full.update(config)
+    return full
+
+
+def config_from_dict(values: dict) -> ConfigDict:
+    """Rebuilds a validated, locked config from `to_dict()` output (e.g. a checkpoint's JSON)."""
+    _check_keys_known(ConfigDict(values), base_config(), where="saved config")
+    config = merge_into_base(ConfigDict(values))
+    for key, value in _flatten(config.to_dict()):
+        if isinstance(value, list):
+            _set(config, key, tuple(value))
+    config.lock()
+    validate(config)
+    return config
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def all_keys(config: ConfigDict | None = None) -> list[str]:
+    """Every dotted key of `config` (default: the base config)."""
+    return [k for k, _ in _flatten((config or base_config()).to_dict())]
+
+
+def _unknown_key_error(key: str, valid: Sequence[str], where: str = "") -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    leaf = key.rsplit(".", 1)[-1]
+    close += [k for k in valid if k.endswith("." + leaf) and k not in close][:2]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    src = f" (in {where})" if where else ""
+    return ConfigError(f"unknown config key {key!r}{src}{hint}")
+
+
+def _check_keys_known(config: ConfigDict, base: ConfigDict, where: str) -> None:
+    valid = all_keys(base)
+    valid_groups = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    for key, _ in _flatten(config.to_dict()):
+        if key not in valid and key not in valid_groups:
+            raise _unknown_key_error(key, valid, where)
+
+
+def _get(config: ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(config: ConfigDict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _coerce(key: str, raw: str, current: Any) -> Any:
+    """Parses the text of an override into the type of the key's current value."""
+    text = raw.strip()
+    try:
+        literal = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        literal = text
+    bad = ConfigError(
+        f"config key {key!r}: cannot use {raw!r}, expected {type(current).__name__} "
+        f"(current value {current!r})"
+    )
+    if isinstance(current, bool):
+        if isinstance(literal, bool):
+            return literal
+        low = text.lower()
+        if low in ("true", "yes", "1"):
+            return True
+        if low in ("false", "no", "0"):
+            return False
+        raise bad
+    if isinstance(current, int):
+        if isinstance(literal, int) and not isinstance(literal, bool):
+            return literal
+        if isinstance(literal, float) and literal.is_integer():
+            return int(literal)
+        raise bad
+    if isinstance(current, float):
+        if isinstance(literal, int | float) and not isinstance(literal, bool):
+            return float(literal)
+        raise bad
+    if isinstance(current, str):
+        return literal if isinstance(literal, str) else text
+    if isinstance(current, tuple):
+        if isinstance(literal, list | tuple):
+            return tuple(literal)
+        if isinstance(literal, int | float):
+            return (literal,)
+        raise bad
+    return literal
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
+    """Applies `"a.b=value"` strings in order; unknown keys and unparsable values raise."""
+    valid = all_keys(config)
+    for item in overrides:
+        text = item[len("--config.") :] if item.startswith("--config.") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = text.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise _unknown_key_error(key, valid)
+        _set(config, key, _coerce(key, raw, _get(config, key)))
+
+
+# ------------------------------------------------------------------------------ validation
+
+Check = Callable[[Any], bool]
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> tuple[Check, str]:
+    def ok(v):
+        return (
+            isinstance(v, int)
+            and not isinstance(v, bool)
+            and (lo is None or v >= lo)
+            and (hi is None or v <= hi)
+        )
+
+    rng = f" >= {lo}" if hi is None else f" in [{lo}, {hi}]"
+    return ok, "an integer" + (rng if lo is not None else "")
+
+
+def _float(lo: float | None = None, hi: float | None = None, open_lo: bool = False):
+    def ok(v):
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return False
+        if lo is not None and (v <= lo if open_lo else v < lo):
+            return False
+        return hi is None or v <= hi
+
+    if lo is None:
+        return ok, "a number"
+    bound = f"> {lo}" if open_lo else f">= {lo}"
+    return ok, f"a number {bound}" + (f" and <= {hi}" if hi is not None else "")
+
+
+def _choice(options: Sequence[str]) -> tuple[Check, str]:
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _bool() -> tuple[Check, str]:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def _str() -> tuple[Check, str]:
+    return (lambda v: isinstance(v, str)), "a string"
+
+
+def _mesh_axis() -> tuple[Check, str]:
+    return (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1)
+    ), "a positive integer or -1 (the devices left over)"
+
+
+RULES: dict[str, tuple[Check, str]] = {
+    "seed": _int(0),
+    "model.vocab_size": _int(2),
+    "model.d_model": _int(1),
+    "model.n_layers": _int(1),
+    "model.n_heads": _int(1),
+    "model.n_kv_heads": _int(1),
+    "model.head_dim": _int(2),
+    "model.mlp_dim": _int(1),
+    "model.mtp_depth": _int(0, 16),
+    "model.mtp_layout": _choice(MTP_LAYOUTS),
+    "model.dtype": _choice(DTYPES),
+    "model.param_dtype": _choice(DTYPES),
+    "model.rope_theta": _float(0, open_lo=True),
+    "model.norm_eps": _float(0, open_lo=True),
+    "model.tie_embeddings": _bool(),
+    "model.remat_policy": _choice(REMAT_POLICIES),
+    "model.scan_layers": _bool(),
+    "model.init_std": _float(0, open_lo=True),
+    "model.attention_impl": _choice(ATTENTION_IMPLS),
+    "loss.mtp_lambda": _float(0),
+    "loss.mtp_lambda_per_depth": (
+        lambda v: (
+            isinstance(v, tuple)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in v)
+        ),
+        "a tuple of non-negative numbers, one per MTP depth (or empty)",
+    ),
+    "loss.mtp_lambda_final": _float(),
+    "loss.mtp_lambda_switch_step": _int(-1),
+    "loss.chunk_size": _int(0),
+    "data.source": _choice(DATA_SOURCES),
+    "data.path": _str(),
+    "data.corpus": _str(),
+    "data.text_field": _str(),
+    "data.tokenizer": _str(),
+    "data.val_fraction": _float(0, 0.5),
+    "data.seq_len": _int(1),
+    "data.batch_size": _int(1),
+    "data.shuffle": _bool(),
+    "data.worker_count": _int(0),
+    "data.prefetch": _int(0),
+    "train.steps": _int(1),
+    "train.lr": _float(0, open_lo=True),
+    "train.min_lr_ratio": _float(0, 1),
+    "train.warmup_steps": _int(0),
+    "train.schedule": _choice(SCHEDULES),
+    "train.decay_fraction": _float(0, 1, open_lo=True),
+    "train.weight_decay": _float(0),
+    "train.b1": _float(0, 1),
+    "train.b2": _float(0, 1),
+    "train.eps": _float(0, open_lo=True),
+    "train.grad_clip": _float(0),
+    "train.microbatches": _int(1),
+    "train.log_every": _int(1),
+    "train.eval_every": _int(0),
+    "train.eval_steps": _int(1),
+    "train.peak_flops": _float(0),
+    "checkpoint.every": _int(0),
+    "checkpoint.keep": _int(1),
+    "checkpoint.keep_every": _int(0),
+    "checkpoint.async_save": _bool(),
+    "mesh.data": _mesh_axis(),
+    "mesh.fsdp": _mesh_axis(),
+    "mesh.tensor": _mesh_axis(),
+}
+
+
+def _fail(key: str, value: Any, accepted: str) -> None:
+    raise ConfigError(f"config key {key!r} has value {value!r}; accepted: {accepted}")
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks every key's value and the relations between keys; raises ConfigError."""
+    for key, value in _flatten(config.to_dict()):
+        if key not in RULES:
+            raise _unknown_key_error(key, list(RULES))
+        if isinstance(value, list):
+            value = tuple(value)
+        ok, accepted = RULES[key]
+        if not ok(value):
+            _fail(key, value, accepted)
+
+    m, lo, d, t = config.model, config.loss, config.data, config.train
+    if m.n_heads % m.n_kv_heads:
+        _fail(
+            "model.n_kv_heads",
+            m.n_kv_heads,
+            f"a divisor of model.n_heads={m.n_heads} (grouped-query attention)",
+        )
+    if lo.mtp_lambda_per_depth and len(lo.mtp_lambda_per_depth) != m.mtp_depth:
+        _fail(
+            "loss.mtp_lambda_per_depth",
+            lo.mtp_lambda_per_depth,
+            f"exactly model.mtp_depth={m.mtp_depth} weights, or an empty tuple",
+        )
+    if lo.chunk_size and d.seq_len % lo.chunk_size:
+        _fail(
+            "loss.chunk_size",
+            lo.chunk_size,
+            f"0 or a divisor of data.seq_len={d.seq_len}",
+        )
+    if d.batch_size % t.microbatches:
+        _fail(
+            "train.microbatches",
+            t.microbatches,
+            f"a divisor of data.batch_size={d.batch_size}",
+        )
+    if t.warmup_steps > t.steps:
+        _fail("train.warmup_steps", t.warmup_steps, f"at most train.steps={t.steps}")
+    if sum(v == -1 for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)) > 1:
+        _fail("mesh.fsdp", config.mesh.fsdp, "-1 on at most one of mesh.data/fsdp/tensor")
+    if m.head_dim % 2:
+        _fail("model.head_dim", m.head_dim, "an even number (rotary embedding pairs)")
+
+
+def mtp_lambdas(config: ConfigDict) -> tuple[float, ...]:
+    """The D per-depth weights lambda_1..lambda_D before any schedule."""
+    lo, depth = config.loss, config.model.mtp_depth
+    if lo.mtp_lambda_per_depth:
+        return tuple(float(x) for x in lo.mtp_lambda_per_depth)
+    return (float(lo.mtp_lambda),) * depth

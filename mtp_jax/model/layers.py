@@ -1,0 +1,250 @@
+"""Transformer building blocks: RMSNorm, rotary embedding, GQA attention with a KV cache,
+SwiGLU MLP and the pre-norm block.
+
+Every parameter carries logical axis names (mapped to mesh axes in `mtp_jax.sharding`).
+Activations at block boundaries carry `('batch', 'length', 'act_embed')`.
+
+A KV cache is a `KVCache(k [B, L, K, H], v [B, L, K, H])`: slot j holds the key/value of
+absolute position j. A call with a cache writes its T new keys at `positions[:, 0] + [0, T)`
+of each row and attends to every slot at or before each query's position, so rolling a row
+back (after rejected speculative drafts) is just decoding again from an earlier position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's hyperparameters (the `model.*` config keys), frozen and hashable."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    mtp_depth: int = 0
+    mtp_layout: str = "sequential"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    init_std: float = 0.02
+    attention_impl: str = "auto"
+
+    @classmethod
+    def from_any(cls, config: Any) -> ModelConfig:
+        """Accepts a ModelConfig, a `config.model` ConfigDict or a plain dict."""
+        if isinstance(config, cls):
+            return config
+        values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def compute_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> Any:
+        return _DTYPES[self.param_dtype]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer: k, v [B, L, K, H] (L = cache length)."""
+
+    k: Array
+    v: Array
+
+
+def _init(cfg: ModelConfig, names: tuple[str | None, ...], fan_in_scale: bool = False):
+    init = nn.initializers.normal(cfg.init_std)
+    return nn.with_logical_partitioning(init, names)
+
+
+def remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()):
+    """Wraps a module class in `nn.remat` according to `model.remat_policy`."""
+    if policy == "none":
+        return module_cls
+    policies = {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    return nn.remat(
+        module_cls, policy=policies[policy], prevent_cse=False, static_argnums=static_argnums
+    )
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis, computed in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            self.cfg.weight_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding. x [B, T, N, H], positions [B, T] -> [B, T, N, H]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _write_cache(cache: Array, new: Array, start: Array) -> Array:
+    """Per row b: cache[b, start[b] : start[b] + T] = new[b].
+
+    cache [B, L, K, H], new [B, T, K, H], start [B].
+    """
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(
+        cache, new.astype(cache.dtype), start
+    )
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE and an optional KV cache."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """x [B, T, E], positions [B, T], segment_ids [B, T] (training only) -> [B, T, E]."""
+        cfg = self.cfg
+        dense = lambda feats, names, name, axis=-1: nn.DenseGeneral(  # noqa: E731
+            feats,
+            axis=axis,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            kernel_init=_init(cfg, names),
+            name=name,
+        )
+        q = dense((cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"), "query")(x)
+        k = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "key")(x)
+        v = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "value")(x)
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+
+        if cache is None:
+            is_causal = segment_ids is None
+            mask = None
+            if segment_ids is not None:
+                causal = positions[:, :, None] >= positions[:, None, :]
+                same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+                mask = (causal & same_doc)[:, None]  # [B, 1, T, T]
+            new_cache = None
+        else:
+            start = positions[:, 0]
+            new_cache = KVCache(_write_cache(cache.k, k, start), _write_cache(cache.v, v, start))
+            k, v = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype)
+            slots = jnp.arange(k.shape[1])
+            mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+            is_causal = False
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, implementation=_impl(cfg, mask)
+        )
+        out = dense(cfg.d_model, ("heads", "kv", "embed"), "out", axis=(-2, -1))(out)
+        return out, new_cache
+
+
+def _impl(cfg: ModelConfig, mask: Array | None) -> str:
+    # cuDNN's fused kernel takes no dense mask (packed documents, KV caches): XLA there.
+    if mask is not None or cfg.attention_impl == "xla":
+        return "xla"
+    if cfg.attention_impl == "cudnn" or jax.default_backend() == "gpu":
+        return "cudnn"
+    return "xla"
+
+
+class Mlp(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, E] -> [B, T, E]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        dense = lambda feats, names, name: nn.Dense(  # noqa: E731
+            feats,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            kernel_init=_init(cfg, names),
+            name=name,
+        )
+        gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
+        up = dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return dense(cfg.d_model, ("mlp", "embed"), "down")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """x [B, T, E] -> ([B, T, E], updated cache)."""
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        h, cache = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x), positions, segment_ids, cache
+        )
+        x = x + h
+        x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, cache
+
+
+class ScanBlock(nn.Module):
+    """`Block` in the (carry, xs) -> (carry, ys) form `nn.scan` over layers expects."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache):
+        x, cache = remat(Block, self.cfg.remat_policy)(self.cfg, name="block")(
+            x, positions, segment_ids, cache
+        )
+        return x, cache

@@ -1,0 +1,155 @@
+"""`Model`: trunk + shared embedding/head + MTP depths (sequential chain or parallel heads).
+
+Depth 0 is the trunk's next-token head; depths 1..D are MTP depths. With `tokens [B, S+D]`,
+the trunk reads tokens[:, :S] and `logits[k, b, i]` predicts window token `i + k + 1`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.model.layers import KVCache, ModelConfig, RMSNorm, _init
+from mtp_jax.model.mtp import ParallelHeads, SequentialMTP
+from mtp_jax.model.transformer import Embed, Trunk
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """logits [D+1, B, S, V] (float32) and the normed hidden states [D+1, B, S, E]."""
+
+    logits: Array
+    hidden: Array
+
+
+@flax.struct.dataclass
+class DecodeCache:
+    """KV caches for decoding: trunk leaves [n_layers, B, L, K, H], mtp [D, B, L, K, H]."""
+
+    trunk: KVCache
+    mtp: KVCache | None
+
+
+class Model(nn.Module):
+    """The MTP language model. `config` is `cfg.model` (ConfigDict) or a ModelConfig."""
+
+    config: Any
+
+    def setup(self):
+        cfg = self.cfg = ModelConfig.from_any(self.config)
+        self.embed = Embed(cfg)
+        self.trunk = Trunk(cfg)
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.head = self.param(
+                "head",
+                _init(cfg, ("embed", "vocab")),
+                (cfg.d_model, cfg.vocab_size),
+                cfg.weight_dtype,
+            )
+        if cfg.mtp_depth:
+            layout = SequentialMTP if cfg.mtp_layout == "sequential" else ParallelHeads
+            self.mtp = layout(cfg)
+
+    # --------------------------------------------------------------------------- training
+
+    def __call__(self, tokens: Array, segment_ids: Array | None = None) -> ModelOutput:
+        """tokens [B, S+D] int32, segment_ids [B, S+D] -> ModelOutput (logits [D+1, B, S, V])."""
+        hidden = self.features(tokens, segment_ids)
+        return ModelOutput(logits=self.logits(hidden), hidden=hidden)
+
+    def features(self, tokens: Array, segment_ids: Array | None = None) -> Array:
+        """tokens [B, S+D] -> normed hidden states [D+1, B, S, E] (depth 0 = trunk)."""
+        cfg = self.cfg
+        depth = cfg.mtp_depth
+        seq = tokens.shape[1] - depth
+        if seq < 1:
+            raise ValueError(
+                f"tokens has length {tokens.shape[1]}; a model with mtp_depth={depth} needs "
+                f"S + {depth} tokens with S >= 1"
+            )
+        positions = jnp.broadcast_to(jnp.arange(seq), (tokens.shape[0], seq))
+        seg = None if segment_ids is None else segment_ids[:, :seq]
+        h0, _ = self.trunk(self.embed(tokens[:, :seq]), positions, seg)
+        out0 = self.final_norm(h0)[None]
+        if not depth:
+            return out0
+        if cfg.mtp_layout == "sequential":
+            shifted = jnp.stack([tokens[:, k : k + seq] for k in range(1, depth + 1)])  # [D,B,S]
+            outs, _ = self.mtp(h0, self.embed(shifted), positions, seg)
+        else:
+            outs, _ = self.mtp(h0, positions, seg)
+        return jnp.concatenate([out0, outs], axis=0)
+
+    def features_and_head(
+        self, tokens: Array, segment_ids: Array | None = None
+    ) -> tuple[Array, Array]:
+        """(features [D+1, B, S, E], head_matrix [E, V]): what the chunked loss needs."""
+        return self.features(tokens, segment_ids), self.head_matrix()
+
+    def head_matrix(self) -> Array:
+        """The shared output head [E, V] in the compute dtype (tied: embedding transposed)."""
+        if self.cfg.tie_embeddings:
+            return self.embed.embedding.T.astype(self.cfg.compute_dtype)
+        return self.head.astype(self.cfg.compute_dtype)
+
+    def logits(self, hidden: Array) -> Array:
+        """hidden [..., E] (normed) -> logits [..., V] float32, through the shared head."""
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(hidden)
+        return jnp.einsum(
+            "...e,ev->...v", hidden, self.head_matrix(), preferred_element_type=jnp.float32
+        )
+
+    # --------------------------------------------------------------------------- decoding
+
+    def embed_tokens(self, tokens: Array) -> Array:
+        """tokens [...] -> embeddings [..., E] (the trunk's own embedding)."""
+        return self.embed(tokens)
+
+    def trunk_step(
+        self, tokens: Array, positions: Array, cache: KVCache
+    ) -> tuple[Array, Array, KVCache]:
+        """Cached trunk forward over T new tokens per row.
+
+        tokens, positions [B, T] -> (h0 [B, T, E] pre-norm, logits [B, T, V], cache).
+        """
+        h0, cache = self.trunk(self.embed(tokens), positions, None, cache)
+        return h0, self.logits(self.final_norm(h0)), cache
+
+    def mtp_step(
+        self,
+        h0: Array,
+        next_tokens: Array | None,
+        positions: Array,
+        cache: KVCache,
+    ) -> tuple[Array, KVCache]:
+        """Cached MTP forward over T positions, all D depths.
+
+        h0 [B, T, E] (trunk, pre-norm); next_tokens [D, B, T], next_tokens[k-1] = t[i+k]
+        (sequential only; None for parallel) -> (logits [D, B, T, V], cache [D, ...]).
+        """
+        if self.cfg.mtp_layout == "sequential":
+            outs, cache = self.mtp(h0, self.embed(next_tokens), positions, None, cache)
+        else:
+            outs, cache = self.mtp(h0, positions, None, cache)
+        return self.logits(outs), cache
+
+
+def init_cache(cfg: ModelConfig | Any, batch: int, length: int) -> DecodeCache:
+    """Zeroed decode caches for `batch` rows of `length` positions."""
+    cfg = ModelConfig.from_any(cfg)
+
+    def zeros(n):
+        shape = (n, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+
+    return DecodeCache(
+        trunk=zeros(cfg.n_layers), mtp=zeros(cfg.mtp_depth) if cfg.mtp_depth else None
+    )

@@ -1,0 +1,79 @@
+"""The trunk (embed -> scanned blocks -> hidden states) and the shared embedding / output head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.model.layers import Block, KVCache, ModelConfig, ScanBlock, remat
+
+Array = jax.Array
+
+
+class Embed(nn.Module):
+    """Token embedding [V, E]; `attend` is the tied output head."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (self.cfg.vocab_size, self.cfg.d_model),
+            self.cfg.weight_dtype,
+        )
+
+    def __call__(self, tokens: Array) -> Array:
+        """tokens [...] int -> [..., E] in the compute dtype."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+
+    def attend(self, x: Array) -> Array:
+        """x [..., E] -> logits [..., V] in float32."""
+        return jnp.einsum(
+            "...e,ve->...v",
+            x,
+            self.embedding.astype(self.cfg.compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class Trunk(nn.Module):
+    """The decoder stack: n_layers pre-norm blocks over embedded inputs.
+
+    Returns the residual stream *before* the final norm (DeepSeek-V3's MTP chain starts from
+    it); the final norm is the model's depth-0 output norm.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """x [B, T, E], positions [B, T] -> (h [B, T, E], cache with leaves [n_layers, ...])."""
+        cfg = self.cfg
+        if cfg.scan_layers:
+            stack = nn.scan(
+                ScanBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return stack(cfg, name="layers")(x, positions, segment_ids, cache)
+        layers = []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+            x, layer_cache = remat(Block, cfg.remat_policy)(cfg, name=f"layers_{i}")(
+                x, positions, segment_ids, layer_cache
+            )
+            layers.append(layer_cache)
+        if cache is None:
+            return x, None
+        return x, jax.tree.map(lambda *c: jnp.stack(c), *layers)
