@@ -35,3 +35,50 @@ def tiny_model_config(**overrides):
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def code_store(tmp_path_factory) -> str:
+    """A token store of a few stdlib packages (~1 MB of real code), prepared once."""
+    import shutil
+    import sysconfig
+
+    from mtp_jax.data import prepare
+
+    root = tmp_path_factory.mktemp("code_corpus")
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for package in ("json", "email", "collections", "concurrent", "importlib"):
+        for f in sorted((stdlib / package).rglob("*.py")):
+            if "test" not in f.parts:
+                rel = f.relative_to(stdlib)
+                (root / rel.parent).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, root / rel)
+    out = tmp_path_factory.mktemp("code_store") / "store"
+    prepare(str(root), str(out), val_fraction=0.1, progress=False)
+    return str(out)
+
+
+TINY_TRAIN = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.head_dim=16",
+    "model.mlp_dim=64",
+    "data.seq_len=16",
+    "data.batch_size=8",
+    "loss.chunk_size=8",
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "checkpoint.every=3",
+    "checkpoint.async_save=false",
+]
+
+
+def tiny_train_config(store: str, *overrides: str):
+    """The smoke config shrunk for tests, reading `store`."""
+    from mtp_jax.config import load_config
+
+    return load_config(CONFIGS / "smoke.py", [*TINY_TRAIN, f"data.path={store}", *overrides])

@@ -145,18 +145,15 @@ class Attention(nn.Module):
     ) -> tuple[Array, KVCache | None]:
         """x [B, T, E], positions [B, T], segment_ids [B, T] (training only) -> [B, T, E]."""
         cfg = self.cfg
-        dense = lambda feats, names, name, axis=-1: nn.DenseGeneral(  # noqa: E731
-            feats,
-            axis=axis,
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-            kernel_init=_init(cfg, names),
-            name=name,
-        )
-        q = dense((cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"), "query")(x)
-        k = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "key")(x)
-        v = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "value")(x)
+        e, n, nk, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+        def proj(name, shape, names, spec, inp):
+            w = self.param(name, _init(cfg, names), shape, cfg.weight_dtype)
+            return jnp.einsum(spec, inp, w.astype(cfg.compute_dtype))
+
+        q = proj("query", (e, n, h), ("embed", "heads", "kv"), "bte,enh->btnh", x)
+        k = proj("key", (e, nk, h), ("embed", "kv_heads", "kv"), "bte,ekh->btkh", x)
+        v = proj("value", (e, nk, h), ("embed", "kv_heads", "kv"), "bte,ekh->btkh", x)
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
 
@@ -178,7 +175,7 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, implementation=_impl(cfg, mask)
         )
-        out = dense(cfg.d_model, ("heads", "kv", "embed"), "out", axis=(-2, -1))(out)
+        out = proj("out", (n, h, e), ("heads", "kv", "embed"), "btnh,nhe->bte", out)
         return out, new_cache
 
 

@@ -19,7 +19,10 @@ class Embed(nn.Module):
     def setup(self):
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            # Small: it is also the tied output head; pre-norm blocks rescale the inputs.
+            nn.with_logical_partitioning(
+                nn.initializers.normal(self.cfg.init_std), ("vocab", "embed")
+            ),
             (self.cfg.vocab_size, self.cfg.d_model),
             self.cfg.weight_dtype,
         )

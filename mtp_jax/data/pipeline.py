@@ -1,0 +1,302 @@
+"""The Grain pipeline: windows of S + D + 1 tokens, global shuffle, per-process batches.
+
+Window j of a split is `tokens[j*S : j*S + S + D + 1]` of its flat token stream (S = seq_len,
+D = mtp_depth): consecutive windows overlap by D + 1 tokens, so every token is a next-token
+target exactly once; there are `(N - (S + D + 1)) // S + 1` windows.
+
+The global order of windows is a seeded permutation, a new one each epoch (train repeats
+forever). The GLOBAL batch of step t is `order[t*B : (t+1)*B]` (B = data.batch_size) whatever
+the number of processes; process p reads only rows `[p*b, (p+1)*b)` of it (b = B //
+process_count), so a 2-process run sees the same global batches as a 1-process run.
+
+Each element is a dict (W = S + D + 1):
+  tokens       int32 [b, W]
+  segment_ids  int32 [b, W]   documents numbered from 1 inside each window; a document's EOS
+                              belongs to it
+Iterators checkpoint with `get_state()/set_state()` or through Orbax with
+`grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from mtp_jax.data import store as store_lib
+from mtp_jax.data.errors import DataError
+from mtp_jax.data.prepare import check_manifest, store_path
+
+SYNTHETIC_WINDOWS = 1 << 20  # windows in one epoch of the synthetic source
+
+
+def num_windows(num_tokens: int, seq_len: int, mtp_depth: int) -> int:
+    """Windows of S + D + 1 tokens at stride S in a stream of `num_tokens` (0 if too short)."""
+    window = seq_len + mtp_depth + 1
+    return 0 if num_tokens < window else (num_tokens - window) // seq_len + 1
+
+
+def _segment_ids(doc_index: np.ndarray) -> np.ndarray:
+    """segment_ids [..., W] from the document index [..., W] of each position: 1, 1, 2, ..."""
+    return (doc_index - doc_index[..., :1] + 1).astype(np.int32)
+
+
+class StoreWindowSource:
+    """Random access to the windows of one split of a token store (a Grain data source).
+
+    `source[j]` -> {'tokens': int32 [W], 'segment_ids': int32 [W]}; `read_batch(js)` reads
+    several windows concurrently -> int32 [len(js), W] each. Pickles without its open arrays
+    (worker processes reopen them).
+    """
+
+    def __init__(self, path: str, split: str, seq_len: int, mtp_depth: int):
+        self.path, self.split = path, split
+        self.seq_len, self.mtp_depth = seq_len, mtp_depth
+        self.window = seq_len + mtp_depth + 1
+        self._store: store_lib.StoreSplit | None = None
+        n_tokens = self._split().num_tokens
+        self._len = num_windows(n_tokens, seq_len, mtp_depth)
+        if self._len == 0:
+            raise DataError(
+                f"token store {path!r} split {split!r} holds {n_tokens} tokens, fewer than one "
+                f"window of S + D + 1 = {seq_len} + {mtp_depth} + 1 = {self.window}: lower "
+                "data.seq_len or prepare a larger corpus"
+            )
+
+    def _split(self) -> store_lib.StoreSplit:
+        if self._store is None:
+            self._store = store_lib.open_split(self.path, self.split)
+        return self._store
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        batch = self.read_batch([index])
+        return {k: v[0] for k, v in batch.items()}
+
+    def read_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """tokens, segment_ids: int32 [len(indices), W] of windows `indices`."""
+        store = self._split()
+        starts = np.asarray(indices, dtype=np.int64) * self.seq_len
+        reads = [store.tokens[s : s + self.window].read() for s in starts.tolist()]
+        tokens = np.stack([r.result() for r in reads]).astype(np.int32)
+        positions = starts[:, None] + np.arange(self.window)
+        doc_index = np.searchsorted(store.offsets, positions, side="right")
+        return {"tokens": tokens, "segment_ids": _segment_ids(doc_index)}
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreWindowSource(path={self.path!r}, split={self.split!r}, "
+            f"seq_len={self.seq_len}, mtp_depth={self.mtp_depth})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+
+class SyntheticWindowSource:
+    """Uniform random tokens in [0, vocab_size) with random document boundaries, by seed.
+
+    A virtual token stream, generated in blocks of S tokens (block k from a generator seeded
+    with (seed, k)), so overlapping windows agree on their shared tokens. Each position ends a
+    document with probability 1 / mean_doc_len (mean_doc_len = max(4, S // 2)).
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, mtp_depth: int, seed: int = 0):
+        self.vocab_size, self.seed = vocab_size, seed
+        self.seq_len, self.mtp_depth = seq_len, mtp_depth
+        self.window = seq_len + mtp_depth + 1
+        self.mean_doc_len = max(4, seq_len // 2)
+
+    def __len__(self) -> int:
+        return SYNTHETIC_WINDOWS
+
+    def _block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, k])
+        tokens = rng.integers(0, self.vocab_size, self.seq_len, dtype=np.int32)
+        ends = rng.random(self.seq_len) < 1.0 / self.mean_doc_len
+        return tokens, ends
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        first, last = index, (index * self.seq_len + self.window - 1) // self.seq_len
+        blocks = [self._block(k) for k in range(first, last + 1)]
+        tokens = np.concatenate([b[0] for b in blocks])[: self.window]
+        ends = np.concatenate([b[1] for b in blocks])[: self.window]
+        doc_index = np.concatenate([[0], np.cumsum(ends[:-1])])  # an end belongs to its doc
+        return {"tokens": tokens, "segment_ids": _segment_ids(doc_index)}
+
+    def read_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        items = [self[i] for i in indices]
+        return {k: np.stack([it[k] for it in items]) for k in ("tokens", "segment_ids")}
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticWindowSource(vocab_size={self.vocab_size}, seq_len={self.seq_len}, "
+            f"mtp_depth={self.mtp_depth}, seed={self.seed})"
+        )
+
+
+class LocalBatches(grain.MapDataset):
+    """Element t: this process's rows of global batch t, read by window index.
+
+    `order` maps a global example position g to a window index (a shuffled, repeated range);
+    global batch t holds positions [t*B, (t+1)*B) and this process reads positions
+    t*B + p*b + [0, b).
+    """
+
+    def __init__(
+        self,
+        order: grain.MapDataset,
+        source: StoreWindowSource | SyntheticWindowSource,
+        global_batch: int,
+        process_index: int,
+        process_count: int,
+    ):
+        super().__init__(order)
+        self._source = source
+        self._global = global_batch
+        self._local = global_batch // process_count
+        self._offset = process_index * self._local
+        self._len = len(order) // global_batch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        start = index * self._global + self._offset
+        windows = [int(self._parent[g]) for g in range(start, start + self._local)]
+        return self._source.read_batch(windows)
+
+    def __str__(self) -> str:
+        return f"LocalBatches(B={self._global}, b={self._local}, offset={self._offset})"
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags: outside an absl program, mark them parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _shuffle_seed(seed: int, split: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{split}".encode()).digest()[:4], "big")
+
+
+def make_source(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    seq_len: int,
+    mtp_depth: int,
+    split: str = "train",
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> StoreWindowSource | SyntheticWindowSource:
+    """The window source of `data_cfg` (store or synthetic); DataError when it cannot serve."""
+    if data_cfg.source == "synthetic":
+        if vocab_size is None:
+            raise DataError("data.source='synthetic' needs vocab_size (model.vocab_size)")
+        split_seed = seed if split == "train" else seed + 1_000_003
+        return SyntheticWindowSource(vocab_size, seq_len, mtp_depth, seed=split_seed)
+    path = store_path(data_cfg)
+    check_manifest(path, store_lib.load_manifest(path), data_cfg.tokenizer, vocab_size)
+    return StoreWindowSource(path, split, seq_len, mtp_depth)
+
+
+def make_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    seq_len: int,
+    mtp_depth: int,
+    split: str = "train",
+    seed: int = 0,
+    vocab_size: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    shuffle: bool | None = None,
+    repeat: bool = True,
+) -> grain.IterDataset:
+    """This process's batches: {'tokens', 'segment_ids'}: int32 [b, S + D + 1], b = B // P.
+
+    Args:
+      data_cfg: `config.data` (source, path, corpus, tokenizer, batch_size, shuffle,
+        worker_count, prefetch, ...). The store must exist (see `ensure_store`).
+      seq_len, mtp_depth: S and D; windows hold S + D + 1 tokens.
+      split: 'train' or 'val'.
+      seed: shuffle seed (each epoch is reshuffled from it).
+      vocab_size: the model's vocabulary; the store's must not exceed it (required for
+        synthetic data).
+      process_index, process_count: default to `jax.process_index()/process_count()`.
+      shuffle: default `data_cfg.shuffle`.
+      repeat: repeat forever (train); False gives one pass of len(windows) // B batches.
+    Raises:
+      DataError for a missing, incomplete or mismatched store, a split shorter than one
+      window, or a batch size not divisible by the process count.
+    """
+    p = jax.process_index() if process_index is None else process_index
+    n_proc = jax.process_count() if process_count is None else process_count
+    B = data_cfg.batch_size
+    if B % n_proc:
+        raise DataError(
+            f"data.batch_size={B} (the global batch) is not divisible by the {n_proc} "
+            "processes: make it a multiple of the process count"
+        )
+    if not 0 <= p < n_proc:
+        raise DataError(f"process_index={p} is not in [0, process_count={n_proc})")
+    source = make_source(
+        data_cfg,
+        seq_len=seq_len,
+        mtp_depth=mtp_depth,
+        split=split,
+        seed=seed,
+        vocab_size=vocab_size,
+    )
+    if len(source) < B and not repeat:
+        raise DataError(
+            f"{source!r} has {len(source)} windows, fewer than one global batch of {B}: lower "
+            "data.batch_size or data.seq_len"
+        )
+    order = grain.MapDataset.range(len(source))
+    if data_cfg.shuffle if shuffle is None else shuffle:
+        order = order.shuffle(seed=_shuffle_seed(seed, split))
+    if repeat:
+        order = order.repeat()
+    ds = LocalBatches(order, source, B, p, n_proc)
+    prefetch = data_cfg.prefetch
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch)
+    )
+    if data_cfg.worker_count > 0:
+        _absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=data_cfg.worker_count, per_worker_buffer_size=max(1, prefetch)
+            )
+        )
+    return it_ds
+
+
+def to_global_batch(
+    batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+    """This process's rows [b, ...] -> global jax.Arrays [B, ...] laid out by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+__all__ = [
+    "LocalBatches",
+    "StoreWindowSource",
+    "SyntheticWindowSource",
+    "make_dataset",
+    "make_source",
+    "num_windows",
+    "to_global_batch",
+]

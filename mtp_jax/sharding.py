@@ -1,0 +1,168 @@
+"""Device mesh, logical axis rules and the shardings they give.
+
+The model names every parameter and block-boundary activation with logical axes
+(`batch`, `length`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`, `norm`, `layers`,
+`depth`, `act_embed`, `act_mlp`); `LOGICAL_RULES` is the only mapping from those names to the
+mesh axes `('data', 'fsdp', 'tensor')`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtp_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (None = replicated). Weights are sharded over fsdp (ZeRO-3) on
+# their model dimension and over tensor on heads / mlp / vocab; activations over the batch.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("depth", None),
+)
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from `config.mesh`, resolving one -1 to the devices left."""
+    sizes = {axis: int(getattr(mesh_cfg, axis)) for axis in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    free = [axis for axis, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ConfigError(f"config keys {', '.join('mesh.' + a for a in free)}: at most one -1")
+    if num_devices % fixed:
+        key = next((f"mesh.{a}" for a, v in sizes.items() if v not in (-1, 1)), "mesh.data")
+        raise ConfigError(
+            f"config key {key!r}: mesh {dict(sizes)} needs a multiple of {fixed} devices, "
+            f"but {num_devices} are available"
+        )
+    if free:
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"config key 'mesh.data': mesh {sizes} uses {fixed} devices, but {num_devices} are "
+            "available; set one of mesh.data/fsdp/tensor to -1"
+        )
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), in `jax.devices()` order.
+
+    Axis types are Auto so that flax's logical constraints work.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(
+        np.asarray(devices).reshape(shape),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split (the 'data' and 'fsdp' axes)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of batch arrays [B, ...]: rows over ('data', 'fsdp')."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _fit_spec(
+    spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str, dropped: list[str]
+) -> PartitionSpec:
+    """Drops mesh axes that do not divide their dimension (that dimension is replicated)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        if axes is None:
+            fitted.append(None)
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        size = math.prod(mesh.shape[a] for a in names)
+        if dim % size:
+            dropped.append(f"{where} dim {dim} over {'x'.join(names)}")
+            fitted.append(None)
+        else:
+            fitted.append(axes)
+    return PartitionSpec(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """NamedShardings for a tree of (boxed) abstract arrays with logical axis metadata.
+
+    Unboxed leaves without metadata (step counters, optimizer counts) are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    shapes = nn.unbox(abstract_tree)
+
+    dropped: list[str] = []
+
+    def to_sharding(path, spec, leaf):
+        spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
+        where = jax.tree_util.keystr(path)
+        return NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh, where, dropped))
+
+    shardings = jax.tree_util.tree_map_with_path(
+        to_sharding, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    if dropped:
+        log.warning(
+            "%d array dimensions do not divide their mesh axes and are replicated instead, e.g. %s",
+            len(dropped),
+            "; ".join(dropped[:3]),
+        )
+    return shardings
+
+
+def replicated_fraction(abstract_tree: Any, shardings: Any) -> float:
+    """Fraction of parameter bytes that every device holds whole (fully replicated)."""
+    total = replicated_bytes = 0
+    for leaf, sharding in zip(
+        jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True
+    ):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        total += nbytes
+        if sharding.is_fully_replicated:
+            replicated_bytes += nbytes
+    return replicated_bytes / max(total, 1)
+
+
+def check_sharded_enough(abstract_params: Any, shardings: Any, mesh: Mesh, limit=0.1) -> float:
+    """Warns when more than `limit` of the parameter bytes are replicated on a >1-device mesh."""
+    frac = replicated_fraction(abstract_params, shardings)
+    model_parallel = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    if model_parallel > 1 and frac > limit:
+        log.warning(
+            "%.0f%% of parameter bytes are replicated on a mesh with fsdp x tensor = %d; check "
+            "the logical rules and that dimensions divide the mesh axes",
+            100 * frac,
+            model_parallel,
+        )
+    return frac

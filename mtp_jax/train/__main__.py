@@ -1,0 +1,8 @@
+"""`python -m mtp_jax.train` = `mtp-train`."""
+
+import sys
+
+from mtp_jax.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

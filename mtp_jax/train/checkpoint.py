@@ -1,0 +1,166 @@
+"""Checkpoints: one Orbax CheckpointManager saving the train state, the Grain iterator state
+and the config together, asynchronously; restore onto any mesh; fallback past bad checkpoints.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, config}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mtp_jax.config import ConfigDict, config_from_dict
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required."""
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    return epath.Path(workdir) / "checkpoints"
+
+
+def _manager(
+    workdir,
+    keep: int | None = None,
+    keep_every: int = 0,
+    async_save: bool = True,
+    read_only: bool = False,
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        keep_period=keep_every or None,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator, config) for one training run."""
+
+    def __init__(self, workdir: str | os.PathLike, config: ConfigDict):
+        c = config.checkpoint
+        self.config = config
+        self.manager = _manager(workdir, c.keep, c.keep_every, c.async_save)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iter: Any | None = None, force: bool = False):
+        """Starts an (async) save of step `step`; returns whether a save was started."""
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(self.config.to_dict()),
+        }
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, target: Any, data_iter: Any | None = None, step: int | None = None):
+        """Restores the newest readable checkpoint (or `step`) onto `target`'s shardings.
+
+        target: a tree of `jax.ShapeDtypeStruct`s with shardings (any mesh). The data iterator,
+        when given, is set to its saved position in place. Returns (state, step), or
+        (None, None) when there is no checkpoint. A checkpoint that fails to restore is
+        reported and the previous one tried.
+        """
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        errors = []
+        for s in steps:
+            items = {"state": ocp.args.StandardRestore(target)}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
+                if step is not None:
+                    raise CheckpointError(f"checkpoint step {s} could not be restored: {e}") from e
+                first_line = (str(e).splitlines() or [""])[0][:300]
+                errors.append(f"step {s}: {type(e).__name__}: {first_line}")
+                log.warning(
+                    "checkpoint step %d is unreadable (%s); trying the previous one", s, errors[-1]
+                )
+                continue
+            return restored["state"], s
+        if steps:
+            # Never start over silently next to checkpoints that exist: that would lose them.
+            raise CheckpointError(
+                f"none of the checkpoints in {os.fspath(self.manager.directory)} could be "
+                f"restored ({'; '.join(errors)}). If the config changed the state's structure "
+                "(model shape, optimizer, clipping), use the original config or a new --workdir."
+            )
+        return None, None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[ConfigDict, int]:
+    """The config stored with a checkpoint (default: the newest) and that step."""
+    if not os.path.isdir(os.fspath(workdir)) and "://" not in os.fspath(workdir):
+        raise CheckpointError(f"workdir {os.fspath(workdir)!r} does not exist")
+    manager = _manager(workdir, read_only=True)
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(
+            f"no checkpoint in {os.fspath(checkpoint_dir(workdir))!r}; "
+            "train first with mtp-train --workdir ..."
+        )
+    step = steps[0] if step is None else step
+    if step not in steps:
+        raise CheckpointError(
+            f"no checkpoint at step {step} in {os.fspath(workdir)!r}; available: {sorted(steps)}"
+        )
+    values = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    manager.close()
+    return config_from_dict(values["config"]), step
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tuple[ConfigDict, Any]:
+    """(config, params) of a training run's checkpoint (default: the newest), on one device.
+
+    For notebooks and inference: `config, params = mtp_jax.load_checkpoint("runs/smoke")`,
+    then `mtp_jax.Model(config.model).apply({"params": params}, tokens)`.
+    """
+    from mtp_jax.model import Model
+    from mtp_jax.sharding import make_mesh
+    from mtp_jax.train.state import abstract_state, make_optimizer
+
+    config, step = saved_config(workdir, step)
+    mesh_cfg = ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    mesh = make_mesh(mesh_cfg, jax.devices()[:1])
+    abstract, shardings = abstract_state(config, Model(config.model), make_optimizer(config), mesh)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    manager = _manager(workdir, read_only=True)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
+    manager.close()
+    return config, restored["state"].params

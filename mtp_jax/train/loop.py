@@ -1,0 +1,355 @@
+"""The training loop, in phases: mesh -> data -> model and optimizer -> sharded init ->
+compile -> restore -> loop (metrics, eval, checkpoints, preemption, non-finite stop)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from mtp_jax.config import ConfigDict, ConfigError
+from mtp_jax.model import Model, model_flops
+from mtp_jax.sharding import (
+    batch_sharding,
+    check_sharded_enough,
+    data_parallel_size,
+    make_mesh,
+)
+from mtp_jax.train.checkpoint import Checkpointer
+from mtp_jax.train.metrics import MetricWriter, eval_summary, train_summary
+from mtp_jax.train.mfu import device_peak_flops
+from mtp_jax.train.state import abstract_state, init_state, make_optimizer
+from mtp_jax.train.step import compile_steps
+
+log = logging.getLogger(__name__)
+
+
+# Test hook: seconds to sleep after each step, so that tests can signal a run mid-way.
+_STEP_DELAY_ENV = "MTP_JAX_TEST_STEP_DELAY"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call of `train` did: final step, status, last logged metrics, the state."""
+
+    step: int
+    status: str  # 'completed' | 'preempted' | 'compiled'
+    metrics: dict[str, float]
+    state: Any = None
+    memory: dict[str, int] | None = None
+    compile_seconds: float = 0.0
+
+
+class _Preemption:
+    """Turns SIGTERM / SIGINT into a flag checked between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("received %s: saving a checkpoint and exiting", signal.Signals(signum).name)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_batch(config: ConfigDict, mesh) -> None:
+    """The global batch (and each microbatch) must split evenly over the data-parallel axes."""
+    dp = data_parallel_size(mesh)
+    batch, micro = config.data.batch_size, config.train.microbatches
+    if batch % dp:
+        raise ConfigError(
+            f"config key 'data.batch_size' has value {batch}; accepted: a multiple of the "
+            f"data-parallel size {dp} (mesh.data x mesh.fsdp = {dict(mesh.shape)})"
+        )
+    if (batch // micro) % dp:
+        raise ConfigError(
+            f"config key 'train.microbatches' has value {micro}; each microbatch "
+            f"({batch // micro} examples) must be a multiple of the data-parallel size {dp}"
+        )
+    if batch % jax.process_count():
+        raise ConfigError(
+            f"config key 'data.batch_size' has value {batch}; accepted: a multiple of the "
+            f"number of processes {jax.process_count()}"
+        )
+
+
+def make_datasets(config: ConfigDict):
+    """(train dataset, val dataset or None) of per-process batches."""
+    from mtp_jax.data import ensure_store, make_dataset
+
+    d, m = config.data, config.model
+    if d.source == "store":
+        path = ensure_store(d, vocab_size=m.vocab_size)
+        d = ConfigDict(d.to_dict())
+        d.path = path
+    kwargs = dict(
+        seq_len=d.seq_len, mtp_depth=m.mtp_depth, seed=config.seed, vocab_size=m.vocab_size
+    )
+    train_ds = make_dataset(d, split="train", **kwargs)
+    val_ds = None
+    if config.train.eval_every:
+        val_ds = make_dataset(d, split="val", shuffle=False, **kwargs)
+    return train_ds, val_ds
+
+
+def memory_report(compiled) -> dict[str, int]:
+    """Per-device bytes of the compiled step: arguments, outputs, temporaries."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        return {}
+    if mem is None:
+        return {}
+    return {
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "alias_bytes": int(getattr(mem, "alias_size_in_bytes", 0)),
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def train(
+    config: ConfigDict,
+    workdir: str,
+    *,
+    devices: list | None = None,
+    compile_only: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one."""
+    # ---- mesh
+    mesh = make_mesh(config.mesh, devices)
+    check_batch(config, mesh)
+    log.info(
+        "mesh %s over %d devices (%s), process %d of %d",
+        dict(mesh.shape),
+        mesh.size,
+        jax.devices()[0].device_kind,
+        jax.process_index(),
+        jax.process_count(),
+    )
+
+    # ---- model and optimizer, abstract state and its shardings
+    model = Model(config.model)
+    tx = make_optimizer(config)
+    abstract, shardings = abstract_state(config, model, tx, mesh)
+    check_sharded_enough(abstract.params, shardings.params, mesh)
+
+    # ---- compile before the loop
+    start = time.perf_counter()
+    train_step, eval_step = compile_steps(config, model, tx, mesh, shardings, abstract)
+    compile_seconds = time.perf_counter() - start
+    memory = memory_report(train_step)
+    log.info(
+        "compiled train/eval steps in %.1f s; per device: %s",
+        compile_seconds,
+        ", ".join(f"{k} {_gib(v)}" for k, v in memory.items()),
+    )
+    if compile_only:
+        return TrainResult(0, "compiled", {}, memory=memory, compile_seconds=compile_seconds)
+
+    # ---- data
+    train_ds, val_ds = make_datasets(config)
+    data_iter = iter(train_ds)
+
+    # ---- restore or initialise
+    checkpointer = Checkpointer(workdir, config)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    state, restored_step = checkpointer.restore(target, data_iter)
+    if state is None:
+        state = init_state(config, model, tx, shardings)
+        log.info(
+            "initialised a fresh state (%d parameters)",
+            sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
+        )
+    else:
+        log.info("resumed from the checkpoint at step %d", restored_step)
+
+    # ---- loop
+    run = _Run(
+        config,
+        mesh,
+        train_step,
+        eval_step,
+        data_iter,
+        val_ds,
+        checkpointer,
+        MetricWriter(workdir),
+        memory,
+        compile_seconds,
+        progress,
+    )
+    try:
+        return _loop(run, state)
+    finally:
+        run.writer.close()
+        checkpointer.close()
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop works with, prepared by the phases of `train`."""
+
+    config: ConfigDict
+    mesh: Any
+    train_step: Any
+    eval_step: Any
+    data_iter: Any
+    val_ds: Any
+    checkpointer: Checkpointer
+    writer: MetricWriter
+    memory: dict[str, int]
+    compile_seconds: float
+    progress: bool
+
+
+def _loop(run: _Run, state) -> TrainResult:
+    config, mesh, checkpointer, writer = run.config, run.mesh, run.checkpointer, run.writer
+    train_step, eval_step, data_iter, val_ds = (
+        run.train_step,
+        run.eval_step,
+        run.data_iter,
+        run.val_ds,
+    )
+    memory, compile_seconds, progress = run.memory, run.compile_seconds, run.progress
+    from mtp_jax.data import to_global_batch
+
+    t, ck = config.train, config.checkpoint
+    bsh = batch_sharding(mesh)
+    step = int(jax.device_get(state.step))
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_per_step = model_flops(config) * tokens_per_step
+    peak, peak_source = device_peak_flops(t.peak_flops)
+    log.info("MFU against %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
+
+    pending: list[dict] = []  # device metrics since the last log
+    last_good = checkpointer.latest_step()
+    last_checked = step
+    summary: dict[str, float] = {}
+    bar = tqdm(
+        total=t.steps,
+        initial=step,
+        disable=not progress or jax.process_index() != 0,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    timer = time.perf_counter()
+    timed_steps = 0
+    step_delay = float(os.environ.get(_STEP_DELAY_ENV, "0"))
+
+    def check_finite():
+        nonlocal last_checked
+        losses = np.asarray(jax.device_get([m["loss"] for m in pending]))
+        if not np.all(np.isfinite(losses)):
+            bad = last_checked + 1 + int(np.argmin(np.isfinite(losses)))
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad} (checked steps {last_checked + 1}..{step}); "
+                f"stopped without saving; last good checkpoint: "
+                f"{'step ' + str(last_good) if last_good is not None else 'none'}"
+            )
+        last_checked = step
+
+    with _Preemption() as preempt:
+        while step < t.steps:
+            batch = to_global_batch(next(data_iter), bsh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            timed_steps += 1
+            pending.append(metrics)
+            bar.update(1)
+            if step_delay:
+                time.sleep(step_delay)
+            record: dict[str, float] = {}
+
+            if step % t.log_every == 0 or step == t.steps:
+                check_finite()
+                acc = jax.device_get(jax.tree.map(lambda *x: sum(x), *pending))
+                elapsed = time.perf_counter() - timer
+                summary = train_summary(acc, len(pending))
+                last = jax.device_get(pending[-1])
+                step_time = elapsed / max(timed_steps, 1)
+                summary.update(
+                    {
+                        "lr": float(last["lr"]),
+                        **{
+                            f"lambda/depth_{k + 1}": float(v) for k, v in enumerate(last["lambdas"])
+                        },
+                        "step_time": step_time,
+                        "tokens_per_sec": tokens_per_step / step_time,
+                        "mfu": flops_per_step / step_time / (peak * mesh.size),
+                    }
+                )
+                record.update(summary)
+                bar.set_postfix(
+                    loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}"
+                )
+                pending.clear()
+                timer, timed_steps = time.perf_counter(), 0
+
+            if val_ds is not None and t.eval_every and step % t.eval_every == 0:
+                ev = evaluate(eval_step, state.params, val_ds, t.eval_steps, bsh)
+                record.update(ev)
+                summary.update(ev)
+                timer, timed_steps = time.perf_counter(), 0
+
+            if record:
+                writer.write(step, record)
+            save_now = (ck.every and step % ck.every == 0) or step == t.steps or preempt.requested
+            if save_now:
+                if pending:
+                    check_finite()
+                checkpointer.save(step, state, data_iter, force=True)
+                last_good = step
+                timer, timed_steps = time.perf_counter(), 0
+            if preempt.requested:
+                checkpointer.wait()
+                bar.close()
+                log.warning("preempted: checkpoint saved at step %d", step)
+                return TrainResult(step, "preempted", summary, state, memory, compile_seconds)
+    bar.close()
+    checkpointer.wait()
+    return TrainResult(step, "completed", summary, state, memory, compile_seconds)
+
+
+def evaluate(eval_step, params, val_ds, steps: int, bsh) -> dict[str, float]:
+    """Per-depth loss/accuracy and draft agreement over the first `steps` validation batches."""
+    from mtp_jax.data import to_global_batch
+
+    it = iter(val_ds)
+    totals = None
+    for _ in range(steps):
+        out = eval_step(params, to_global_batch(next(it), bsh))
+        totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    return eval_summary(jax.device_get(totals))

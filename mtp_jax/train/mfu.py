@@ -1,0 +1,64 @@
+"""Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+# Dense bfloat16 peak FLOP/s per device (per chip; per GPU), from the vendors' data sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA L4": 121e12,
+}
+
+
+def peak_for_kind(kind: str) -> float | None:
+    """Longest matching prefix of `device_kind` in PEAK_FLOPS."""
+    matches = [k for k in PEAK_FLOPS if kind.startswith(k)]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+@functools.cache
+def measured_peak(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a float32 n x n matmul on one local device (the CPU's usable peak)."""
+    device = jax.local_devices()[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def device_peak_flops(configured: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from)."""
+    if configured > 0:
+        return configured, "train.peak_flops"
+    kind = jax.devices()[0].device_kind
+    peak = peak_for_kind(kind)
+    if peak is not None:
+        return peak, f"table ({kind})"
+    peak = measured_peak()
+    if jax.default_backend() == "cpu":
+        # Fake CPU devices share the same cores: the host's peak is split between them.
+        peak /= max(jax.local_device_count(), 1)
+    return peak, f"measured float32 matmul ({kind})"

@@ -1,0 +1,110 @@
+"""TrainState, the optimizer and its schedules, and initialisation straight into shardings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from mtp_jax.config import mtp_lambdas
+from mtp_jax.model import Model
+from mtp_jax.sharding import LOGICAL_RULES, logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 []; params and opt_state: pytrees of arrays (what checkpoints hold)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def lr_decay_start(config: Any) -> int:
+    """The step at which the learning rate starts to decay (end of warmup / stable phase)."""
+    t = config.train
+    if t.schedule == "wsd":
+        return t.steps - int(round(t.decay_fraction * t.steps))
+    if t.schedule == "cosine":
+        return t.warmup_steps
+    return t.steps
+
+
+def lr_schedule(config: Any) -> optax.Schedule:
+    """Linear warmup to train.lr, then cosine / warmup-stable-decay / constant."""
+    t = config.train
+    peak, floor = t.lr, t.lr * t.min_lr_ratio
+    warmup = optax.linear_schedule(0.0, peak, max(t.warmup_steps, 1))
+    if t.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(peak, max(t.steps - t.warmup_steps, 1), t.min_lr_ratio)
+        return optax.join_schedules([warmup, rest], [t.warmup_steps])
+    if t.schedule == "wsd":
+        decay_start = lr_decay_start(config)
+        stable = optax.constant_schedule(peak)
+        decay = optax.linear_schedule(peak, floor, max(t.steps - decay_start, 1))
+        return optax.join_schedules([warmup, stable, decay], [t.warmup_steps, decay_start])
+    return optax.join_schedules([warmup, optax.constant_schedule(peak)], [t.warmup_steps])
+
+
+def lambda_schedule(config: Any):
+    """step -> lambdas [D]: loss.mtp_lambda(_per_depth), switched to loss.mtp_lambda_final
+    at loss.mtp_lambda_switch_step (-1: when the LR starts to decay), as DeepSeek-V3 did."""
+    initial = jnp.asarray(mtp_lambdas(config), jnp.float32)
+    lo = config.loss
+    if lo.mtp_lambda_final < 0:
+        return lambda step: initial
+    switch = lo.mtp_lambda_switch_step
+    switch = lr_decay_start(config) if switch < 0 else switch
+    final = jnp.full_like(initial, lo.mtp_lambda_final)
+    return lambda step: jnp.where(step >= switch, final, initial)
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only (not on norm scales)."""
+    return jax.tree.map(lambda p: p.ndim > 1, nn.unbox(params))
+
+
+def make_optimizer(config: Any) -> optax.GradientTransformation:
+    """AdamW with the LR schedule and optional global-norm clipping."""
+    t = config.train
+    adamw = optax.adamw(
+        lr_schedule(config),
+        b1=t.b1,
+        b2=t.b2,
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        mask=_decay_mask,
+    )
+    if t.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+    return adamw
+
+
+def _init_fn(model: Model, tx: optax.GradientTransformation, example: jax.Array):
+    def init(key):
+        params = model.init(key, example)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def abstract_state(config: Any, model: Model, tx: optax.GradientTransformation, mesh: Mesh):
+    """(abstract unboxed TrainState, its NamedShardings) without allocating anything."""
+    example = jnp.zeros((1, config.data.seq_len + config.model.mtp_depth), jnp.int32)
+    boxed = jax.eval_shape(_init_fn(model, tx, example), jax.random.key(0))
+    shardings = logical_shardings(boxed, mesh, LOGICAL_RULES)
+    return nn.unbox(boxed), shardings
+
+
+def init_state(config: Any, model: Model, tx: optax.GradientTransformation, shardings: Any):
+    """A fresh TrainState created directly in its shardings (never whole on one host)."""
+    example = jnp.zeros((1, config.data.seq_len + config.model.mtp_depth), jnp.int32)
+    init = _init_fn(model, tx, example)
+    return jax.jit(lambda key: nn.unbox(init(key)), out_shardings=shardings)(
+        jax.random.key(config.seed)
+    )

@@ -1,0 +1,152 @@
+"""The pure train and eval steps, and their compilation with shardings.
+
+Metrics come back as sums and token counts per depth, so logged means are exact across
+microbatches, devices and hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from mtp_jax.loss import DepthSums, draft_agreement, loss_and_metrics, mtp_targets
+from mtp_jax.model import Model
+from mtp_jax.sharding import LOGICAL_RULES, batch_sharding, replicated
+from mtp_jax.train.state import TrainState, lambda_schedule, lr_schedule
+
+Batch = dict[str, jax.Array]
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...]: microbatch m holds rows m, m+n, ... of every data shard."""
+    return jax.tree.map(
+        lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch
+    )
+
+
+def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation):
+    """train_step(state, batch) -> (state, metrics); pure, to be jitted.
+
+    batch: {'tokens': [B, S+D+1] int32, 'segment_ids': [B, S+D+1] int32}.
+    metrics: loss, loss_sum/correct/count [D+1], grad/param/update norms, lr, lambdas [D].
+    """
+    depth = config.model.mtp_depth
+    chunk = config.loss.chunk_size
+    n_micro = config.train.microbatches
+    lambdas_at = lambda_schedule(config)
+    lr_at = lr_schedule(config)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        lambdas = lambdas_at(state.step)
+        # Whole-batch token counts per depth: every microbatch divides by these, so the
+        # accumulated gradient is exactly the full batch's.
+        _, mask = mtp_targets(batch["tokens"], batch.get("segment_ids"), depth)
+        counts = mask.sum((1, 2)).astype(jnp.float32)
+
+        def grad_of(micro):
+            def loss_fn(params):
+                return loss_and_metrics(model, params, micro, lambdas, chunk, counts)
+
+            (loss, (sums, _, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return loss, sums, grads
+
+        if n_micro == 1:
+            loss, sums, grads = grad_of(batch)
+        else:
+
+            def accumulate(carry, micro):
+                return jax.tree.map(jnp.add, carry, grad_of(micro)), None
+
+            micro = _split_microbatches(batch, n_micro)
+            first = grad_of(jax.tree.map(lambda x: x[0], micro))
+            rest = jax.tree.map(lambda x: x[1:], micro)
+            (loss, sums, grads), _ = jax.lax.scan(accumulate, first, rest)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "loss_sum": sums.loss,
+            "correct": sums.correct,
+            "count": sums.count,
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
+            "lr": lr_at(state.step),
+            "lambdas": lambdas,
+        }
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(config: Any, model: Model):
+    """eval_step(params, batch) -> sums per depth and draft agreement with depth 0."""
+    depth = config.model.mtp_depth
+    chunk = config.loss.chunk_size
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        lambdas = jnp.zeros((depth,), jnp.float32)
+        _, (sums, pred, mask) = loss_and_metrics(model, params, batch, lambdas, chunk)
+        agree, agree_count = draft_agreement(pred, mask)
+        return {
+            "loss_sum": sums.loss,
+            "correct": sums.correct,
+            "count": sums.count,
+            "agree": agree,
+            "agree_count": agree_count,
+        }
+
+    return eval_step
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """The mesh and logical rules that activation constraints resolve against."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
+
+
+def compile_steps(config: Any, model: Model, tx, mesh: Mesh, state_shardings: Any, abstract):
+    """Jits and AOT-compiles train_step and eval_step with shardings and donation.
+
+    Returns (train_step, eval_step) compiled executables.
+    """
+    per_example = config.data.seq_len + config.model.mtp_depth + 1
+    batch_abstract = {
+        k: jax.ShapeDtypeStruct(
+            (config.data.batch_size, per_example), jnp.int32, sharding=batch_sharding(mesh)
+        )
+        for k in ("tokens", "segment_ids")
+    }
+    state_abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+    )
+    repl = replicated(mesh)
+    bsh = {k: batch_sharding(mesh) for k in batch_abstract}
+    train = jax.jit(
+        make_train_step(config, model, tx),
+        in_shardings=(state_shardings, bsh),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        make_eval_step(config, model),
+        in_shardings=(state_shardings.params, bsh),
+        out_shardings=repl,
+    )
+    with mesh_context(mesh):
+        train_c = train.lower(state_abstract, batch_abstract).compile()
+        eval_c = evaluate.lower(state_abstract.params, batch_abstract).compile()
+    return train_c, eval_c
+
+
+def depth_sums(metrics: dict[str, Any]) -> DepthSums:
+    return DepthSums(metrics["loss_sum"], metrics["correct"], metrics["count"])
