@@ -416,8 +416,6 @@ def validate(config: ConfigDict) -> None:
             t.microbatches,
             f"a divisor of data.batch_size={d.batch_size}",
         )
-    if t.warmup_steps > t.steps:
-        _fail("train.warmup_steps", t.warmup_steps, f"at most train.steps={t.steps}")
     if sum(v == -1 for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)) > 1:
         _fail("mesh.fsdp", config.mesh.fsdp, "-1 on at most one of mesh.data/fsdp/tensor")
     if m.head_dim % 2:

@@ -2,6 +2,11 @@
 and the config together, asynchronously; restore onto any mesh; fallback past bad checkpoints.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, config}.
+
+The Grain iterator state is saved as JSON (`iterator.get_state()`, written by the primary
+host). The pipeline makes it the same on every process — the position in the global order —
+so a checkpoint written by N processes restores into M processes and the global batches go on
+exactly where they stopped (Grain's own handler writes one file per process and could not).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ import logging
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -47,7 +51,7 @@ def _manager(
         options=options,
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         },
     )
@@ -74,7 +78,7 @@ class Checkpointer:
             "config": ocp.args.JsonSave(self.config.to_dict()),
         }
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data"] = ocp.args.JsonSave(data_iter.get_state())
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
@@ -93,9 +97,11 @@ class Checkpointer:
         for s in steps:
             items = {"state": ocp.args.StandardRestore(target)}
             if data_iter is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                items["data"] = ocp.args.JsonRestore()
             try:
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+                if data_iter is not None:
+                    data_iter.set_state(restored["data"])
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
                 if step is not None:
                     raise CheckpointError(f"checkpoint step {s} could not be restored: {e}") from e

@@ -31,6 +31,20 @@ def parse_args(argv: list[str] | None):
         "--no_sample", action="store_true", help="do not print a generated sample at the end"
     )
     parser.add_argument("--log_level", default="INFO")
+    hosts = parser.add_argument_group(
+        "multi-process runs (auto-detected on Cloud TPU pods, SLURM and Open MPI)"
+    )
+    hosts.add_argument(
+        "--coordinator_address", help="HOST:PORT of process 0 (env MTP_COORDINATOR_ADDRESS)"
+    )
+    hosts.add_argument("--num_processes", type=int, help="env MTP_NUM_PROCESSES")
+    hosts.add_argument("--process_id", type=int, help="env MTP_PROCESS_ID")
+    hosts.add_argument(
+        "--heartbeat_timeout",
+        type=int,
+        default=None,
+        help="seconds after which a silent peer fails the run (default 100)",
+    )
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
     for item in rest:
@@ -50,14 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from mtp_jax import distributed
     from mtp_jax.data import DataError
     from mtp_jax.train import CheckpointError, NonFiniteLossError, train
 
     try:
         config = load_config(args.config, overrides)
+        distributed.initialize(
+            args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout
+        )
         os.makedirs(args.workdir, exist_ok=True)
         result = train(config, args.workdir, compile_only=args.compile_only)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"mtp-train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
@@ -68,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     final = {k: round(v, 4) for k, v in result.metrics.items() if "/" not in k or "depth" in k}
     log.info("%s at step %d: %s", result.status, result.step, final)
-    if result.status == "completed" and not args.no_sample:
+    import jax
+
+    if result.status == "completed" and not args.no_sample and jax.process_index() == 0:
         _print_sample(config, result.state.params)
     return 0
 

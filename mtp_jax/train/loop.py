@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mtp_jax.config import ConfigDict, ConfigError
+from mtp_jax.distributed import barrier, topology
 from mtp_jax.model import Model, model_flops
 from mtp_jax.sharding import (
     batch_sharding,
@@ -76,6 +77,21 @@ class _Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def should_stop(self, step: int, every: int) -> bool:
+        """Whether to checkpoint and stop after `step`.
+
+        With several processes, they must agree (each may see the signal at another step):
+        they compare flags every `every` steps, and all stop if any was signalled.
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
+        return bool(np.asarray(flags).any())
+
 
 def check_batch(config: ConfigDict, mesh) -> None:
     """The global batch (and each microbatch) must split evenly over the data-parallel axes."""
@@ -104,6 +120,10 @@ def make_datasets(config: ConfigDict):
 
     d, m = config.data, config.model
     if d.source == "store":
+        # Process 0 prepares a missing store; the others wait, then open it.
+        if jax.process_index() == 0:
+            ensure_store(d, vocab_size=m.vocab_size)
+        barrier("mtp_jax_store_ready", timeout_s=3600)
         path = ensure_store(d, vocab_size=m.vocab_size)
         d = ConfigDict(d.to_dict())
         d.path = path
@@ -149,6 +169,7 @@ def train(
     # ---- mesh
     mesh = make_mesh(config.mesh, devices)
     check_batch(config, mesh)
+    log.info("%s", topology())
     log.info(
         "mesh %s over %d devices (%s), process %d of %d",
         dict(mesh.shape),
@@ -326,14 +347,15 @@ def _loop(run: _Run, state) -> TrainResult:
 
             if record:
                 writer.write(step, record)
-            save_now = (ck.every and step % ck.every == 0) or step == t.steps or preempt.requested
+            stop = preempt.should_stop(step, t.log_every)
+            save_now = (ck.every and step % ck.every == 0) or step == t.steps or stop
             if save_now:
                 if pending:
                     check_finite()
                 checkpointer.save(step, state, data_iter, force=True)
                 last_good = step
                 timer, timed_steps = time.perf_counter(), 0
-            if preempt.requested:
+            if stop:
                 checkpointer.wait()
                 bar.close()
                 log.warning("preempted: checkpoint saved at step %d", step)
