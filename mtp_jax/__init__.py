@@ -1,31 +1,65 @@
 """mtp_jax: pretraining language models with multi-token prediction in JAX/Flax.
 
+The public API (what notebooks and tools use), re-exported here:
+
+    cfg = mtp_jax.load_config("configs/smoke.py", ["model.mtp_depth=3"])
+    model = mtp_jax.Model(cfg.model)                  # a flax.linen Module
+    variables = model.init(jax.random.key(0), tokens) # tokens: int32 [B, S+D]
+    out = model.apply(variables, tokens)              # out.logits: [D+1, B, S, V]
+    config, params = mtp_jax.load_checkpoint("runs/smoke")
+    result = mtp_jax.speculative_generate(model, params, prompts, lengths, max_new_tokens=64)
+    records = mtp_jax.read_metrics("runs/smoke")      # metrics.jsonl, one dict per step
+
 Axis names used in shapes throughout the package:
-  B  batch (examples)            S  positions scored per example (data.seq_len)
-  D  MTP depths (model.mtp_depth) T  new positions in one decode call
-  E  model width (d_model)        V  vocabulary size
-  N  query heads                  K  key/value heads
-  H  head width                   F  MLP hidden width
-  L  KV-cache length              k  an MTP depth (1..D; 0 = next-token head)
+  B  batch (examples)              S  positions scored per example (data.seq_len)
+  D  MTP depths (model.mtp_depth)  T  new positions in one decode call
+  E  model width (d_model)         V  vocabulary size
+  N  query heads                   K  key/value heads
+  H  head width                    F  MLP hidden width
+  L  KV-cache length               k  an MTP depth (1..D; 0 = the next-token head)
 
 A training window holds S + D + 1 tokens; `Model` reads the first S + D of them and
 `logits[k, b, i]` predicts window token i + k + 1.
 """
 
-from mtp_jax.config import ConfigError, load_config
-from mtp_jax.loss import LossConfig, loss_and_metrics, mtp_targets
-from mtp_jax.model import Model, ModelConfig, ModelOutput, init_cache, model_flops, param_count
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError",
-    "LossConfig",
-    "Model",
-    "ModelConfig",
-    "ModelOutput",
-    "init_cache",
-    "load_config",
-    "loss_and_metrics",
-    "model_flops",
-    "mtp_targets",
-    "param_count",
-]
+import importlib
+from typing import Any
+
+# name -> module that defines it. Imported on first use, so that light entry points
+# (mtp-prepare and its worker processes) do not pay for flax and the model.
+_EXPORTS = {
+    "ConfigError": "mtp_jax.config",
+    "load_config": "mtp_jax.config",
+    "Model": "mtp_jax.model",
+    "ModelConfig": "mtp_jax.model",
+    "ModelOutput": "mtp_jax.model",
+    "init_cache": "mtp_jax.model",
+    "model_flops": "mtp_jax.model",
+    "param_count": "mtp_jax.model",
+    "loss_and_metrics": "mtp_jax.loss",
+    "mtp_targets": "mtp_jax.loss",
+    "draft_agreement": "mtp_jax.loss",
+    "get_tokenizer": "mtp_jax.data",
+    "load_checkpoint": "mtp_jax.train.checkpoint",
+    "read_metrics": "mtp_jax.train.metrics",
+    "train": "mtp_jax.train.loop",
+    "generate": "mtp_jax.inference",
+    "speculative_generate": "mtp_jax.inference",
+    "DecodeResult": "mtp_jax.inference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mtp_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

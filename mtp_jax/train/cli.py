@@ -28,6 +28,11 @@ def parse_args(argv: list[str] | None):
         help="compile the train step, report per-device memory and stop",
     )
     parser.add_argument(
+        "--topology",
+        help="with --compile_only: plan for a TPU slice, e.g. v5p:4x4x4 (compiles on this host "
+        "with libtpu; needs the [tpu] extra)",
+    )
+    parser.add_argument(
         "--no_sample", action="store_true", help="do not print a generated sample at the end"
     )
     parser.add_argument("--log_level", default="INFO")
@@ -60,16 +65,26 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # absl/jax may have configured the root logger already
     )
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _enable_compilation_cache()
     from mtp_jax import distributed
     from mtp_jax.data import DataError
     from mtp_jax.train import CheckpointError, NonFiniteLossError, train
 
+    if args.topology and not args.compile_only:
+        print("mtp-train: error: --topology needs --compile_only", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, overrides)
+        if args.topology:
+            from mtp_jax.plan import plan_main
+
+            return plan_main(config, args.config, args.topology)
         distributed.initialize(
             args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout
         )
@@ -91,6 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     if result.status == "completed" and not args.no_sample and jax.process_index() == 0:
         _print_sample(config, result.state.params)
     return 0
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA compilation cache (restarts after preemption skip recompiling).
+
+    JAX_COMPILATION_CACHE_DIR wins; else $MTP_JAX_CACHE (default ~/.cache/mtp_jax)/jax_cache.
+    """
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    root = os.environ.get(
+        "MTP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mtp_jax")
+    )
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _print_sample(config, params) -> None:

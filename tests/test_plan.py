@@ -1,0 +1,177 @@
+"""Planning a TPU pod run on this CPU host: the real train step compiled for a TPU slice.
+
+These tests need libtpu (the TPU compiler; no TPU is used). It comes with the test extra;
+on a machine without it they skip, unless MTP_JAX_REQUIRE_LIBTPU=1 makes that a failure.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+from conftest import CONFIGS
+
+from mtp_jax import plan as plan_mod
+from mtp_jax.config import ConfigError, load_config
+from mtp_jax.model import model_flops, param_count
+from mtp_jax.plan import GiB, PlanError, plan, plan_main
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+if not HAVE_LIBTPU and os.environ.get("MTP_JAX_REQUIRE_LIBTPU") == "1":
+    raise RuntimeError("MTP_JAX_REQUIRE_LIBTPU=1 but libtpu is not installed")
+needs_libtpu = pytest.mark.skipif(
+    not HAVE_LIBTPU,
+    reason="libtpu is not installed (pip install 'mtp_jax[tpu]' or the test extra); "
+    "the TPU ahead-of-time plan needs its compiler",
+)
+
+SMOKE = str(CONFIGS / "smoke.py")
+# The smoke config widened to ~1.2 B parameters (two layers, two MTP depths) and replicated
+# over 4 v5e chips of 16 GiB: float32 parameters, gradients and Adam moments alone are
+# ~19 GiB per chip, so it cannot fit; two scanned layers keep the compile quick.
+TOO_BIG = [
+    "model.d_model=4096",
+    "model.n_heads=32",
+    "model.n_kv_heads=8",
+    "model.head_dim=128",
+    "model.mlp_dim=16384",
+    "data.seq_len=256",
+    "mesh.data=-1",
+]
+
+
+@pytest.fixture(scope="module")
+def smoke_fsdp():
+    """smoke with its 4 chips on the fsdp axis, so every parameter is split 4 ways."""
+    return load_config(SMOKE, ["mesh.data=1", "mesh.fsdp=-1"])
+
+
+@pytest.fixture(scope="module")
+def smoke_report(smoke_fsdp):
+    return plan(smoke_fsdp, "v5p:2x2x1")
+
+
+@needs_libtpu
+def test_smoke_plan_on_v5p_slice(smoke_report, smoke_fsdp):
+    r = smoke_report
+    assert (r.num_devices, r.num_chips, r.mesh) == (4, 4, {"data": 1, "fsdp": 4, "tensor": 1})
+    assert r.device_kind.startswith("TPU v5") and "lite" not in r.device_kind
+    assert r.hbm_bytes == 95 * GiB
+    assert r.fits and r.shortfall_bytes == 0
+
+    # Parameters (float32) are split 4 ways; only norm scales are replicated.
+    n = param_count(smoke_fsdp)
+    assert r.param_count == n
+    assert n * 4 / 4 <= r.param_bytes <= 1.05 * n * 4 / 4
+    # Adam: two moments of the parameters' size (+ scalar counters).
+    assert 1.95 * r.param_bytes <= r.opt_state_bytes <= 2.05 * r.param_bytes
+    # The state is an argument of the step (donated, so aliased to the output).
+    assert r.argument_bytes >= r.param_bytes + r.opt_state_bytes
+    assert r.alias_bytes >= r.param_bytes + r.opt_state_bytes
+    assert r.temp_bytes > 0
+    assert r.total_bytes == (
+        r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes + r.code_bytes
+    )
+    assert r.total_bytes < 2 * GiB
+
+    # FLOPs: the model count for the whole step; the compiler's per-device count is positive
+    # (and below the model's, since XLA counts each scanned layer / depth once).
+    assert r.model_flops == model_flops(smoke_fsdp) * 16 * 128
+    assert 0 < r.compiled_flops < r.model_flops / r.num_devices
+    assert r.peak_flops == 459e12
+    assert math.isclose(r.step_time_100, r.model_flops / (4 * 459e12))
+    assert math.isclose(r.step_time_50, 2 * r.step_time_100)
+
+
+@needs_libtpu
+def test_report_text_and_dict(smoke_report):
+    text = smoke_report.to_text()
+    for needle in (
+        "v5p:2x2x1",
+        "TPU v5",
+        "parameters",
+        "optimizer state",
+        "temporaries",
+        "HBM",
+        "fits",
+        "50% MFU",
+    ):
+        assert needle in text, needle
+    d = smoke_report.to_dict()
+    assert json.loads(json.dumps(d))["fits"] is True
+    assert d["devices_per_chip"] == 1
+
+
+@needs_libtpu
+def test_plan_main_fits_returns_0(smoke_fsdp, smoke_report, capsys, monkeypatch):
+    monkeypatch.setattr(plan_mod, "plan", lambda config, topology: smoke_report)
+    assert plan_main(smoke_fsdp, "configs/smoke.py", "v5p:2x2x1") == 0
+    out = capsys.readouterr().out
+    assert smoke_report.to_text() in out
+    assert "configs/smoke.py fits v5p:2x2x1" in out
+
+
+@needs_libtpu
+def test_too_big_for_slice_returns_1(capsys, monkeypatch):
+    config = load_config(SMOKE, TOO_BIG)
+    assert param_count(config) > 1e9
+    reports = []
+    real_plan = plan_mod.plan
+    monkeypatch.setattr(
+        plan_mod, "plan", lambda c, t: reports.append(real_plan(c, t)) or reports[-1]
+    )
+    assert plan_main(config, "configs/smoke.py", "v5e:2x2") == 1
+    out = capsys.readouterr().out
+    assert "configs/smoke.py does NOT fit v5e:2x2" in out
+    assert "short by" in out
+    (report,) = reports
+    assert not report.fits
+    assert report.hbm_bytes == 16 * GiB
+    # Replicated float32 parameters and Adam moments alone overflow the 16 GiB.
+    state = report.param_bytes + report.opt_state_bytes
+    assert report.param_bytes == param_count(config) * 4
+    assert report.shortfall_bytes >= state - 16 * GiB
+    assert report.total_bytes >= report.hbm_bytes + report.shortfall_bytes - 0.1 * GiB
+    assert "short by" in report.to_text()
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("bogus", "unknown TPU topology 'bogus'"),
+        ("v5p-128", "looks like an accelerator type"),
+        ("v9x:2x2", "libtpu does not know the TPU topology 'v9x:2x2'"),
+    ],
+)
+def test_unknown_topology(name, expected):
+    config = load_config(SMOKE)
+    with pytest.raises(PlanError, match="v5p:4x4x4") as info:
+        plan(config, name)
+    assert expected in str(info.value)
+    assert isinstance(info.value, ConfigError)
+
+
+def test_unknown_topology_plan_main_returns_2(capsys):
+    assert plan_main(load_config(SMOKE), "configs/smoke.py", "v5p-128") == 2
+    assert "v5p:4x4x4" in capsys.readouterr().err
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        plan_mod.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "libtpu" else real(name, *a),
+    )
+    with pytest.raises(PlanError, match=r"pip install 'mtp_jax\[tpu\]'"):
+        plan(load_config(SMOKE), "v5p:2x2x1")
+
+
+def test_hbm_table_by_device_kind():
+    assert plan_mod.hbm_per_chip("TPU v5") == 95 * GiB
+    assert plan_mod.hbm_per_chip("TPU v5 lite") == 16 * GiB
+    assert plan_mod.hbm_per_chip("TPU v4") == 32 * GiB
+    assert plan_mod.hbm_per_chip("TPU v6 lite") == 32 * GiB
+    assert plan_mod.hbm_per_chip("NVIDIA H100") is None
