@@ -1,0 +1,8 @@
+"""`python -m mtp_jax.inference` = `mtp-generate`."""
+
+import sys
+
+from mtp_jax.inference.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
