@@ -14,19 +14,9 @@ set -euo pipefail
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
-dry_run=0
-args=()
-for a in "$@"; do
-  case "$a" in
-    --dry-run) dry_run=1 ;;
-    -h|--help) usage; exit 0 ;;
-    *) args+=("$a") ;;
-  esac
-done
-if [ "${#args[@]}" -lt 2 ]; then
-  usage >&2
-  exit 2
-fi
+# shellcheck source=launch/_args.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_args.sh"
+parse_launch_args 2 "$@"
 config=${args[0]}
 workdir=${args[1]}
 overrides=("${args[@]:2}")

@@ -20,19 +20,9 @@ set -euo pipefail
 
 usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
-dry_run=0
-args=()
-for a in "$@"; do
-  case "$a" in
-    --dry-run) dry_run=1 ;;
-    -h|--help) usage; exit 0 ;;
-    *) args+=("$a") ;;
-  esac
-done
-if [ "${#args[@]}" -lt 3 ]; then
-  usage >&2
-  exit 2
-fi
+# shellcheck source=launch/_args.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_args.sh"
+parse_launch_args 3 "$@"
 num=${args[0]}
 config=${args[1]}
 workdir=${args[2]}
