@@ -1,43 +1,52 @@
 """Decode speed: plain vs self-speculative greedy decoding, D = 1, 2, 3 and parallel heads.
 
-    python benchmarks/decode.py                      # trains two small byte models first
+    python benchmarks/decode.py                      # trains three small byte models first
     python benchmarks/decode.py --workdir runs/smoke # or uses a training run's checkpoint
 
-Without --workdir it trains the smoke config's byte-level model (E=128, 2 layers, vocab 259)
-with D=3 sequential MTP depths and, separately, with D=3 parallel heads, on the Python stdlib
-source (a few hundred Adam steps, a few minutes on 2 CPU cores). D=1 and D=2 use the first 1
-or 2 depths of the D=3 model. Prompts are the openings of held-out stdlib functions; every
-prompt is decoded alone (batch 1, the latency setting speculative decoding is for), greedily,
-for --max-new-tokens tokens. Prints a markdown table: tokens/s, speedup over plain decoding,
-acceptance per draft position, tokens per verify step, and whether the tokens are identical.
+Without --workdir it trains, with the real training loop (`mtp_jax.train.train`) on the smoke
+config's data store (the Python stdlib, byte-level), the smoke model (E=128, vocab 259) with
+D=3 sequential MTP depths on a 2-layer trunk, the same with D=3 parallel heads, and D=3
+sequential depths on a deeper --deep-layers trunk (about 6 minutes on 2 CPU cores in all).
+The speedup bound is roughly tokens_per_step * cost(trunk step) / (cost(trunk verify of D+1
+positions) + D * cost(depth block)): with a 2-layer trunk the three 1-block depths cost more
+than the trunk, so the deeper trunk shows what speculation buys once the trunk dominates.
+D=1 and D=2 use the first 1 or 2 depths of a D=3 model. Prompts are the openings of stdlib
+functions (`def` blocks a third into every 10th file); every prompt is decoded alone (batch 1,
+the latency setting speculative decoding is for), greedily, for --max-new-tokens tokens. Prints
+a markdown table: tokens/s (best of --repeats runs per prompt), speedup over plain decoding of
+the same trunk, acceptance per draft position, tokens per verify step, whether the tokens equal
+plain greedy's, and the 1-minute load average; then one prompt's continuation.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import sysconfig
+import tempfile
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import mtp_jax
 from mtp_jax.inference import generate, speculative_generate
 
-EOS = 258  # ByteTokenizer: bytes 0..255, PAD 256, BOS 257, EOS 258
-
-
 SMOKE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
 
-def smoke_config(layout: str, steps: int, depth: int = 3):
-    """configs/smoke.py (byte model, E=128, 2 layers) with `depth` MTP depths of `layout`."""
-    overrides = [f"model.mtp_depth={depth}", f"model.mtp_layout={layout}", f"train.steps={steps}"]
+def smoke_config(layout: str, steps: int, depth: int = 3, layers: int = 2):
+    """configs/smoke.py (byte model, E=128) with `depth` MTP depths of `layout`, `layers` layers."""
+    overrides = [
+        f"model.mtp_depth={depth}",
+        f"model.mtp_layout={layout}",
+        f"model.n_layers={layers}",
+        f"train.steps={steps}",
+        f"train.eval_every={steps}",
+        f"checkpoint.every={steps}",
+    ]
     return mtp_jax.load_config(str(SMOKE), overrides)
 
 
@@ -46,56 +55,23 @@ def stdlib_files() -> list[pathlib.Path]:
     return sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
 
 
-def corpus(files: list[pathlib.Path]) -> np.ndarray:
-    """Byte tokens of the files, each followed by EOS."""
-    parts = []
-    for f in files:
-        parts += [np.frombuffer(f.read_bytes(), np.uint8).astype(np.int32), np.array([EOS])]
-    return np.concatenate(parts)
+def train(config):
+    """Trains `config` with the real loop in a scratch workdir.
+
+    Returns (ModelConfig, params, final train metrics)."""
+    from mtp_jax.train.loop import train as train_loop
+
+    with tempfile.TemporaryDirectory() as workdir:
+        result = train_loop(config, workdir, progress=False)
+        config, params = mtp_jax.load_checkpoint(workdir)
+    return mtp_jax.ModelConfig.from_any(config.model), jax.device_get(params), result.metrics
 
 
-def train(config, tokens: np.ndarray, seed: int = 0):
-    """The smoke config's optimizer, schedule, loss weights, batch and length, on random
-    windows of `tokens`. Returns (ModelConfig, params, mean loss of the last 25 steps)."""
-    from mtp_jax.config import mtp_lambdas
-    from mtp_jax.train.state import make_optimizer
-
-    cfg = mtp_jax.ModelConfig.from_any(config.model)
-    model = mtp_jax.Model(cfg)
-    seq, batch, steps = config.data.seq_len, config.data.batch_size, config.train.steps
-    window = seq + cfg.mtp_depth + 1
-    params = nn.unbox(
-        jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, seq + cfg.mtp_depth), jnp.int32))
-    )["params"]
-    opt = make_optimizer(config)
-    lambdas = jnp.asarray(mtp_lambdas(config))
-    chunk_size = config.loss.chunk_size
-    data = jnp.asarray(tokens)
-    chunk = 25
-
-    @jax.jit
-    def run(params, opt_state, key):
-        def step(carry, key):
-            params, opt_state = carry
-            starts = jax.random.randint(key, (batch,), 0, data.shape[0] - window)
-            w = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, window))(starts)
-            loss, grads = jax.value_and_grad(
-                lambda p: mtp_jax.loss_and_metrics(model, p, {"tokens": w}, lambdas, chunk_size)[0]
-            )(params)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, opt_state), losses = jax.lax.scan(
-            step, (params, opt_state), jax.random.split(key, chunk)
-        )
-        return params, opt_state, losses.mean()
-
-    opt_state = opt.init(params)
-    key = jax.random.key(seed + 1)
-    loss = float("nan")
-    for i in range(0, steps, chunk):
-        params, opt_state, loss = run(params, opt_state, jax.random.fold_in(key, i))
-    return cfg, params, float(loss)
+def losses(metrics: dict) -> str:
+    """'loss L, per depth a/b/c/d' from the last logged train metrics."""
+    per_depth = [v for k, v in sorted(metrics.items()) if k.startswith("loss/depth_")]
+    text = f"loss {metrics.get('loss', float('nan')):.3f}"
+    return text + (", per depth " + "/".join(f"{v:.2f}" for v in per_depth) if per_depth else "")
 
 
 def code_prompts(files: list[pathlib.Path], count: int, length: int = 48) -> list[bytes]:
@@ -120,16 +96,17 @@ def sliced(cfg, params, depth: int):
 
 
 def timed(fn, model, params, prompts, max_new: int, repeats: int):
-    """Decodes each prompt alone (after one warm-up); returns (tokens, tokens/s, stats)."""
+    """Decodes each prompt alone (after one warm-up), `repeats` times, keeping each prompt's
+    fastest run (the machine may be shared). Returns (tokens, tokens/s, stats per prompt)."""
     outs, stats, seconds, total = [], [], 0.0, 0
     for p in prompts:
         ids = np.frombuffer(p, np.uint8).astype(np.int32)[None]
         args = (model, params, ids, np.array([ids.shape[1]]))
         fn(*args, max_new_tokens=max_new)  # compile / warm up
-        for _ in range(repeats):
-            res = fn(*args, max_new_tokens=max_new)
-            seconds += res.stats["seconds"]  # the jitted loop alone, host overhead excluded
-            total += int(res.num_generated.sum())
+        runs = [fn(*args, max_new_tokens=max_new) for _ in range(repeats)]
+        res = min(runs, key=lambda r: r.stats["seconds"])  # the jitted loop alone
+        seconds += res.stats["seconds"]
+        total += int(res.num_generated.sum())
         outs.append(res.tokens[0])
         stats.append(res.stats)
     return np.stack(outs), total / seconds, stats
@@ -138,64 +115,70 @@ def timed(fn, model, params, prompts, max_new: int, repeats: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", help="use this training run's newest checkpoint")
-    ap.add_argument("--steps", type=int, default=300, help="training steps per model")
+    ap.add_argument("--steps", type=int, default=300, help="training steps, 2-layer models")
+    ap.add_argument("--deep-layers", type=int, default=6, help="0: no deeper-trunk model")
+    ap.add_argument("--deep-steps", type=int, default=200, help="training steps, deeper model")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    files = stdlib_files()
-    held_out, train_files = files[::10], [f for i, f in enumerate(files) if i % 10]
     models = {}
     if args.workdir:
-        from mtp_jax.train.checkpoint import load_checkpoint
-
-        config, params = load_checkpoint(args.workdir)
+        config, params = mtp_jax.load_checkpoint(args.workdir)
         cfg = mtp_jax.ModelConfig.from_any(config.model)
-        models[cfg.mtp_layout] = (cfg, jax.device_get(params))
+        models[f"{cfg.n_layers}-layer {cfg.mtp_layout}"] = (cfg, jax.device_get(params))
         print(f"checkpoint {args.workdir}: {cfg}")
     else:
-        tokens = corpus(train_files)
-        for layout in ("sequential", "parallel"):
+        runs = [("sequential", 2, args.steps), ("parallel", 2, args.steps)]
+        if args.deep_layers:
+            runs.append(("sequential", args.deep_layers, args.deep_steps))
+        for layout, layers, steps in runs:
             t0 = time.perf_counter()
-            cfg, params, loss = train(smoke_config(layout, args.steps), tokens)
-            models[layout] = (cfg, params)
+            cfg, params, metrics = train(smoke_config(layout, steps, layers=layers))
+            models[f"{layers}-layer {layout}"] = (cfg, params)
             print(
-                f"trained {layout} D=3 for {args.steps} steps on {tokens.size / 1e6:.1f}M bytes: "
-                f"loss {loss:.3f} ({time.perf_counter() - t0:.0f}s)"
+                f"trained {layers}-layer {layout} D=3 for {steps} steps: {losses(metrics)} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
             )
 
-    prompts = code_prompts(held_out, args.prompts)
+    prompts = code_prompts(stdlib_files()[::10], args.prompts)
     n, r = args.max_new_tokens, args.repeats
     rows = []
     plain_tokens = {}
-    for layout, (cfg, params) in models.items():
+    for name, (cfg, params) in models.items():
+        load = os.getloadavg()[0]
         base, base_tps, _ = timed(generate, mtp_jax.Model(cfg), params, prompts, n, r)
-        plain_tokens[layout] = base
-        rows.append((f"plain ({layout} trunk)", base_tps, 1.0, "-", 1.0, "-"))
+        plain_tokens[name] = base
+        rows.append((f"plain, {name} trunk", base_tps, 1.0, "-", 1.0, "-", load))
         for depth in range(1, cfg.mtp_depth + 1):
+            load = os.getloadavg()[0]
             model, p = sliced(cfg, params, depth)
             toks, tps, stats = timed(speculative_generate, model, p, prompts, n, r)
-            acc = np.mean([s["acceptance"] for s in stats], axis=0)
+            acc = "/".join(f"{a:.2f}" for a in np.mean([s["acceptance"] for s in stats], axis=0))
             mean = float(np.mean([s["mean_accepted"] for s in stats]))
             same = "yes" if np.array_equal(toks, base) else "NO"
-            name = f"speculative {layout} D={depth}"
-            rows.append((name, tps, tps / base_tps, "/".join(f"{a:.2f}" for a in acc), mean, same))
+            rows.append(
+                (f"speculative {name} D={depth}", tps, tps / base_tps, acc, mean, same, load)
+            )
 
     print(
-        f"\nbatch 1, {len(prompts)} code prompts x {n} new tokens, greedy, "
-        f"{jax.devices()[0].platform} ({jax.device_count()} device)\n"
+        f"\nbatch 1, {len(prompts)} code prompts x {n} new tokens, greedy, best of {r} runs, "
+        f"{jax.devices()[0].platform} ({jax.device_count()} device, {os.cpu_count()} cores)\n"
     )
-    print("| decoding | tokens/s | speedup | acceptance per position | tokens/step | identical |")
-    print("|---|---:|---:|---|---:|---|")
-    for name, tps, speed, acc, mean, same in rows:
-        print(f"| {name} | {tps:.0f} | {speed:.2f}x | {acc} | {mean:.2f} | {same} |")
-    sample = bytes(int(t) for t in plain_tokens[next(iter(models))][0] if t < 256)
-    print(
-        "\nprompt 0 + greedy continuation:\n"
-        + prompts[0].decode()
-        + sample.decode("utf-8", "replace")
-    )
+    head = "| decoding | tokens/s | speedup | acceptance per position | tokens/step | identical |"
+    print(head + " load |")
+    print("|---|---:|---:|---|---:|---|---:|")
+    for name, tps, speed, acc, mean, same, load in rows:
+        print(f"| {name} | {tps:.0f} | {speed:.2f}x | {acc} | {mean:.2f} | {same} | {load:.1f} |")
+    for name, toks in plain_tokens.items():
+        sample = bytes(int(t) for t in toks[0] if t < 256)
+        print(
+            f"\n{name}, prompt 0 + greedy continuation:\n"
+            + prompts[0].decode()
+            + sample.decode("utf-8", "replace")
+        )
 
 
 if __name__ == "__main__":

@@ -192,6 +192,38 @@ def test_greedy_speculative_equals_plain_trained(layout_models, depth):
     assert spec.stats["steps"] < NEW / (1 + 0.5 * depth)
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_drafted_provenance(layout_models, trained):
+    """stats['drafted'] marks accepted drafts: one flag per generated token, as many True as the
+    accepted drafts counted on the device, the first token (the prefill's) and each step's last
+    one the trunk's; most tokens of the trained cycle model are drafts, almost none of a random
+    one."""
+    cfg, random_params, trained_params = layout_models
+    params = trained_params if trained else random_params
+    model = mtp_jax.Model(cfg)
+    prompts = _cycle_prompts() if trained else _prompts()
+    spec = speculative_generate(model, params, prompts, LENGTHS, max_new_tokens=NEW)
+    drafted = spec.stats["drafted"]
+    assert [len(row) for row in drafted] == spec.num_generated.tolist()
+    assert all(isinstance(flag, bool) for row in drafted for flag in row)
+    assert [sum(row) for row in drafted] == spec.stats["accepted_drafts"]
+    # Each verify step emits its accepted drafts, then exactly one trunk token: no run of
+    # drafts is longer than D, and the first token is the trunk's.
+    for row in drafted:
+        assert not row[0]
+        runs = "".join("d" if f else "t" for f in row).split("t")
+        assert max(len(r) for r in runs) <= DEPTH
+    total = sum(len(row) for row in drafted)
+    fraction = sum(map(sum, drafted)) / total
+    # The trunk's tokens are the first one plus one per verify step (the last may be cut off).
+    trunk_tokens = total - sum(map(sum, drafted))
+    assert trunk_tokens <= len(LENGTHS) + spec.stats["steps"] * len(LENGTHS)
+    if trained:
+        assert fraction > 0.6, fraction
+    else:
+        assert fraction < 0.3, fraction
+
+
 def test_eos_stops_each_row():
     """A row ends at its first EOS (included); speculative and plain agree on where."""
     cfg = tiny_model_config(**CFG)

@@ -244,6 +244,24 @@ def test_smoke_config_trains_and_logs_every_depth(code_store, tmp_path, capsys):
     assert list((tmp_path / "smoke" / "tensorboard").glob("events.out.tfevents.*"))
     assert "sample" in capsys.readouterr().out
 
+    # mtp-generate reads the checkpoint this run wrote.
+    import json
+
+    from mtp_jax.inference.cli import main as generate_main
+
+    code = generate_main(
+        ["--workdir", workdir, "--prompt", "def ", "--max-new-tokens", "12", "--json"]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < len(out["new_tokens"]) <= 12
+    assert out["tokens"] == [100, 101, 102, 32] + out["new_tokens"]  # "def " + new
+    from mtp_jax.data import ByteTokenizer
+
+    assert out["text"] == ByteTokenizer().decode(out["new_tokens"])
+    assert len(out["acceptance"]) == 2
+    assert out["tokens_per_sec"] > 0 and out["mean_accepted"] >= 1
+
 
 @pytest.mark.parametrize(
     "override, pattern",

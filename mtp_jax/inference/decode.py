@@ -210,12 +210,43 @@ def stack(caches: Caches) -> KVCache:
 
 
 def layer_params(cfg: ModelConfig, params: Any) -> list[Any]:
-    """The trunk's per-layer Block params (from scanned [n_layers, ...] or unrolled layers)."""
+    """The trunk's per-layer Block params (from scanned [n_layers, ...] or unrolled layers, or
+    the list `split_params` made)."""
     trunk = params["trunk"]
+    if SPLIT in trunk:
+        return list(trunk[SPLIT])
     if cfg.scan_layers:
         stacked = trunk["layers"]["block"]
         return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.n_layers)]
     return [trunk[f"layers_{i}"] for i in range(cfg.n_layers)]
+
+
+SPLIT = "split"  # the key under which `split_params` keeps per-layer / per-depth param trees
+
+
+def _split(cfg: ModelConfig, params: Any) -> Any:
+    out = dict(params, trunk={SPLIT: tuple(layer_params(cfg, params))})
+    if cfg.mtp_depth and "mtp" in params:
+        (stacked,) = params["mtp"].values()  # 'depths' (sequential) or 'heads' (parallel)
+        per_depth = [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(cfg.mtp_depth)]
+        out["mtp"] = {SPLIT: tuple(per_depth)}
+    return out
+
+
+_SPLITTERS: dict[ModelConfig, Callable[[Any], Any]] = {}
+
+
+def split_params(cfg: ModelConfig, params: Any) -> Any:
+    """params with the stacked trunk layers / MTP depths split into one tree per layer / depth
+    (under `SPLIT`), done once per call outside the decode loop.
+
+    Slicing a stacked [n, ...] weight inside the jitted loop copies it at every step: XLA sinks
+    the loop-invariant slices into the while body. For a small model on a CPU those copies
+    (the whole weights, every step) were about a third of a decode step.
+    """
+    if cfg not in _SPLITTERS:
+        _SPLITTERS[cfg] = jax.jit(lambda p: _split(cfg, p))
+    return _SPLITTERS[cfg](params)
 
 
 def trunk_forward(
@@ -226,13 +257,28 @@ def trunk_forward(
     tokens, positions [B, T] -> (h0 [B, T, E] pre-norm, logits [B, T, V] f32, caches).
     """
     cfg = ModelConfig.from_any(model.config)
-    x = model.apply({"params": params}, tokens, method="embed_tokens")
+    x = embed(model, params, tokens)
     new = []
     for p, cache in zip(layer_params(cfg, params), caches):
         x, cache = Block(cfg).apply({"params": p}, x, positions, None, cache)
         new.append(cache)
     normed = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
-    return x, model.apply({"params": params}, normed, method="logits"), tuple(new)
+    return x, head(model, params, normed), tuple(new)
+
+
+def _shared(params: Any) -> dict[str, Any]:
+    """The embedding / output-head params (what `embed_tokens` and `logits` read)."""
+    return {"params": {k: params[k] for k in ("embed", "head") if k in params}}
+
+
+def embed(model: Model, params: Any, tokens: Array) -> Array:
+    """tokens [...] -> the trunk's embeddings [..., E]."""
+    return model.apply(_shared(params), tokens, method="embed_tokens")
+
+
+def head(model: Model, params: Any, normed: Array) -> Array:
+    """normed hidden [..., E] -> logits [..., V] float32 through the shared head."""
+    return model.apply(_shared(params), normed, method="logits")
 
 
 def prefill(model: Model, params: Any, prompts: Array, slots: int) -> tuple[Array, Array, Caches]:
@@ -326,6 +372,7 @@ def generate(
     sampler = Sampler(temperature, top_k, top_p)
     prompts, lengths = check_inputs(prompts, lengths, max_new_tokens)
     cfg, params = trunk_only(ModelConfig.from_any(model.config), unwrap_params(params))
+    params = split_params(cfg, params)
     rng = jax.random.key(0) if rng is None else rng
     key = ("plain", cfg, sampler, max_new_tokens)
     build = lambda: _plain_loop(cfg, sampler, max_new_tokens)  # noqa: E731

@@ -45,17 +45,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.inference.decode import (
+    SPLIT,
     Caches,
     DecodeResult,
     Sampler,
     check_inputs,
+    embed,
     eos_array,
     finish,
     gather_rows,
+    head,
     prefill,
     prefill_last_logits,
     run_cached,
     sample_from,
+    split_params,
     trunk_forward,
     unstack,
     unwrap_params,
@@ -75,9 +79,12 @@ class SpecState(NamedTuple):
     hist [B, L, E]: the trunk's pre-norm h0 per position (verified up to n-2);
     trunk, mtp: KV caches, one [B, L, K, H] per trunk layer / per MTP depth (see
     `decode.trunk_forward` for why they are not stacked);
-    out [B, N+D+1], count [B], done [B]: the generated tokens; step: verify steps so far;
-    accepted [D]: accepted drafts per draft position, summed over active rows and steps;
-    emitted: tokens accepted per verify step, summed; row_steps: active (row, step) pairs.
+    out [B, N+D+1], count [B], done [B]: the generated tokens; drafted [B, N+D+1]: per entry
+    of out, whether it is an accepted draft (False: the trunk's own token); row_drafted [B]:
+    accepted drafts kept in out (a step cut short by EOS or max_new_tokens keeps fewer);
+    step: verify steps so far; accepted [D]: accepted drafts per draft position, summed over
+    active rows and steps; emitted: tokens accepted per verify step, summed; row_steps:
+    active (row, step) pairs.
     """
 
     n: Array
@@ -88,6 +95,8 @@ class SpecState(NamedTuple):
     out: Array
     count: Array
     done: Array
+    drafted: Array
+    row_drafted: Array
     step: Array
     accepted: Array
     emitted: Array
@@ -103,6 +112,15 @@ def _draft_window(n: Array, depth: int) -> tuple[Array, Array]:
     return start[:, None] + jnp.arange(depth + 1, dtype=jnp.int32), n - 2 - start
 
 
+def depth_params(params: Any, k: int) -> Any:
+    """The params of MTP depth / parallel head k (0-based), from split or stacked params."""
+    mtp = params["mtp"]
+    if SPLIT in mtp:
+        return mtp[SPLIT][k]
+    (stacked,) = mtp.values()  # 'depths' or 'heads', [D, ...]
+    return jax.tree.map(lambda p: p[k], stacked)
+
+
 def _at(x: Array, index: Array) -> Array:
     """x [B, T, ...], index [B] -> x[b, index[b]] as [B, ...]."""
     return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
@@ -113,25 +131,34 @@ def _draft_sequential(
 ) -> tuple[Array, Array, Array, Caches]:
     """The DeepSeek-V3 chain drafts t[n .. n+D-1], one depth at a time over the window.
 
-    Returns (drafts [B, D], draft probabilities q [B, D, V], seq with the drafts written at
-    n .. n+D-1, the updated MTP caches [D, ...]).
+    Returns (drafts [B, D], draft probabilities q [B, D, V] (greedy: [B, D, 0], unused),
+    seq with the drafts written at n .. n+D-1, the updated MTP caches [D, ...]).
     """
     depth = cfg.mtp_depth
     window, query = _draft_window(s.n, depth)
     h = gather_rows(s.hist, window)  # h0 [B, D+1, E]
-    seq, caches, drafts, probs = s.seq, list(s.mtp), [], []
+    # The true tokens of every depth's window at once: t[window + k] for k = 1..D, [B, D+1+D-1].
+    known = gather_rows(s.seq, window[:, :1] + jnp.arange(1, 2 * depth + 1, dtype=jnp.int32))
+    caches, drafts, probs = list(s.mtp), [], []
     for k in range(1, depth + 1):
-        emb = model.apply({"params": params}, gather_rows(seq, window + k), method="embed_tokens")
-        depth_params = jax.tree.map(lambda p, k=k: p[k - 1], params["mtp"]["depths"])
+        # Depth k reads t[window + k]: true tokens, then the drafts at n .. n+k-2 (the tail of
+        # the window, right after query = n-2-start), i.e. this row's last drafts.
+        toks = jax.lax.dynamic_slice_in_dim(known, k - 1, depth + 1, axis=1)
+        for j, draft in enumerate(drafts):  # draft j+1 sits at position n+j = window[query+2+j-k]
+            toks = jnp.where(
+                jnp.arange(depth + 1)[None, :] == (query + 2 + j - k)[:, None], draft[:, None], toks
+            )
+        emb = embed(model, params, toks)
         h, (normed, caches[k - 1]) = MTPDepth(cfg).apply(
-            {"params": depth_params}, h, emb, window, None, caches[k - 1]
+            {"params": depth_params(params, k - 1)}, h, emb, window, None, caches[k - 1]
         )
-        logits = model.apply({"params": params}, _at(normed, query), method="logits")  # [B, V]
-        draft = sampler.sample(jax.random.fold_in(key, k), logits)
-        seq = write_rows(seq, draft[:, None], s.n + k - 1)
-        drafts.append(draft)
-        probs.append(sampler.probs(logits))
-    return jnp.stack(drafts, 1), jnp.stack(probs, 1), seq, tuple(caches)
+        logits = head(model, params, _at(normed, query))  # [B, V]
+        drafts.append(sampler.sample(jax.random.fold_in(key, k), logits))
+        if not sampler.greedy:
+            probs.append(sampler.probs(logits))
+    drafts = jnp.stack(drafts, 1)
+    q = jnp.stack(probs, 1) if probs else jnp.zeros(drafts.shape + (0,), jnp.float32)
+    return drafts, q, write_rows(s.seq, drafts, s.n), tuple(caches)
 
 
 def _draft_parallel(
@@ -147,15 +174,15 @@ def _draft_parallel(
     h0 = gather_rows(s.hist, window)
     caches, normed = list(s.mtp), []
     for k in range(depth):
-        head_params = jax.tree.map(lambda p, k=k: p[k], params["mtp"]["heads"])
         _, (out, caches[k]) = ParallelHead(cfg).apply(
-            {"params": head_params}, h0, window, None, caches[k]
+            {"params": depth_params(params, k)}, h0, window, None, caches[k]
         )
         normed.append(_at(out, query))
-    logits = model.apply({"params": params}, jnp.stack(normed, 1), method="logits")  # [B, D, V]
+    logits = head(model, params, jnp.stack(normed, 1))  # [B, D, V]
     drafts = sampler.sample(key, logits)  # [B, D], independent draws
     seq = write_rows(s.seq, drafts, s.n)
-    return drafts, sampler.probs(logits), seq, tuple(caches)
+    q = jnp.zeros(drafts.shape + (0,), jnp.float32) if sampler.greedy else sampler.probs(logits)
+    return drafts, q, seq, tuple(caches)
 
 
 def draft_tokens(
@@ -163,8 +190,8 @@ def draft_tokens(
 ) -> tuple[Array, Array, Array, Caches]:
     """Drafts t[n .. n+D-1] with the model's layout.
 
-    Returns (drafts [B, D], their distributions q [B, D, V], seq with the drafts written at
-    n .. n+D-1, the updated MTP caches, one per depth).
+    Returns (drafts [B, D], their distributions q [B, D, V] (greedy: [B, D, 0], unused), seq
+    with the drafts written at n .. n+D-1, the updated MTP caches, one per depth).
     """
     draft = _draft_sequential if cfg.mtp_layout == "sequential" else _draft_parallel
     return draft(model, cfg, sampler, params, s, key)
@@ -206,10 +233,10 @@ def accept(
 
 def _emit(
     s: SpecState, m: Array, tokens: Array, max_new_tokens: int, eos_id: Array
-) -> tuple[Array, Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array, Array, Array]:
     """Appends the accepted tokens [B, D+1] (first m+1 valid) of the active rows.
 
-    Returns (out, count, done, n) after the step.
+    Returns (out, drafted, row_drafted, count, done, n) after the step.
     """
     active = ~s.done
     pos = jnp.arange(tokens.shape[1])[None, :]
@@ -217,10 +244,14 @@ def _emit(
     has_eos = jnp.any(is_eos, axis=1)
     emitted = jnp.where(has_eos, jnp.argmax(is_eos, axis=1) + 1, m + 1)
     done = s.done | (active & has_eos)
-    out = jnp.where(active[:, None], write_rows(s.out, tokens, s.count), s.out)
+    # A finished row's count no longer moves, so writing there only touches entries past it.
+    out = write_rows(s.out, tokens, s.count)
+    drafted = write_rows(s.drafted, pos < m[:, None], s.count)
+    kept = jnp.minimum(emitted, max_new_tokens - s.count)  # what `finish` will keep
+    row_drafted = s.row_drafted + jnp.where(active, jnp.minimum(m, kept), 0)
     count = s.count + jnp.where(active, emitted, 0)
     done = done | (count >= max_new_tokens)
-    return out, count, done, s.n + jnp.where(active, m + 1, 0)
+    return out, drafted, row_drafted, count, done, s.n + jnp.where(active, m + 1, 0)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -248,12 +279,18 @@ def _prefill(
     seq = write_rows(seq, first[:, None], lengths)
     hist = jnp.zeros((batch, slots, cfg.d_model), h0.dtype).at[:, :plen].set(h0)
     # Slot j of depth k is right wherever t[j+1 .. j+k] are known; the rest is redone in the
-    # first draft window.
-    nxt = None
-    if cfg.mtp_layout == "sequential":
-        nxt = jnp.stack([seq[:, k : k + plen] for k in range(1, depth + 1)])
-    mtp = init_cache(cfg, batch, slots).mtp
-    _, mtp = model.apply({"params": params}, h0, nxt, positions, mtp, method="mtp_step")
+    # first draft window. (`Model.mtp_step`, depth by depth, on the split params.)
+    mtp, h = list(unstack(init_cache(cfg, batch, slots).mtp)), h0
+    for k in range(depth):
+        if cfg.mtp_layout == "sequential":
+            emb = embed(model, params, seq[:, k + 1 : k + 1 + plen])
+            h, (_, mtp[k]) = MTPDepth(cfg).apply(
+                {"params": depth_params(params, k)}, h, emb, positions, None, mtp[k]
+            )
+        else:
+            _, (_, mtp[k]) = ParallelHead(cfg).apply(
+                {"params": depth_params(params, k)}, h0, positions, None, mtp[k]
+            )
     out = jnp.zeros((batch, max_new_tokens + depth + 1), jnp.int32).at[:, 0].set(first)
     done = jnp.full((batch,), max_new_tokens <= 1) | (first == eos_id)
     zero = jnp.zeros((), jnp.int32)
@@ -262,10 +299,12 @@ def _prefill(
         seq=seq,
         hist=hist,
         trunk=trunk,
-        mtp=unstack(mtp),
+        mtp=tuple(mtp),
         out=out,
         count=jnp.ones((batch,), jnp.int32),
         done=done,
+        drafted=jnp.zeros(out.shape, bool),
+        row_drafted=jnp.zeros((batch,), jnp.int32),
         step=zero,
         accepted=jnp.zeros((depth,), jnp.int32),
         emitted=zero,
@@ -293,7 +332,7 @@ def _step(
     h0, logits, trunk = trunk_forward(model, params, candidates, positions, s.trunk)
     m, tokens = accept(sampler, drafts, q, logits, accept_key)
     active = ~s.done
-    out, count, done, n = _emit(s, m, tokens, max_new_tokens, eos_id)
+    out, drafted, row_drafted, count, done, n = _emit(s, m, tokens, max_new_tokens, eos_id)
     # Entries past the accepted tokens are garbage, but they lie at n' or later: never trusted.
     seq = jnp.where(active[:, None], write_rows(seq, tokens, s.n), s.seq)
     hit = (jnp.arange(depth)[None, :] < m[:, None]) & active[:, None]
@@ -306,6 +345,8 @@ def _step(
         out=out,
         count=count,
         done=done,
+        drafted=drafted,
+        row_drafted=row_drafted,
         step=s.step + 1,
         accepted=s.accepted + hit.sum(0).astype(jnp.int32),
         emitted=s.emitted + jnp.sum(jnp.where(active, m + 1, 0)),
@@ -354,7 +395,7 @@ def speculative_decode_state(
         raise ValueError("speculative decoding needs a model with mtp_depth >= 1")
     sampler = Sampler(temperature, top_k, top_p)
     prompts, lengths = check_inputs(prompts, lengths, max_new_tokens)
-    params = unwrap_params(params)
+    params = split_params(cfg, unwrap_params(params))
     rng = jax.random.key(0) if rng is None else rng
     key = ("speculative", cfg, sampler, max_new_tokens)
     build = lambda: _spec_loop(cfg, sampler, max_new_tokens)  # noqa: E731
@@ -382,7 +423,11 @@ def speculative_generate(
     sampling gives tokens distributed as `generate`'s. stats: `acceptance` [D] (fraction of
     verify steps, over active rows, in which draft position j+1 was accepted), `mean_accepted`
     (tokens emitted per row per verify step, 1 .. D+1), `steps` (verify steps), `tokens_per_sec`
-    (excluding compilation), `seconds`, `compile_seconds`, `total_tokens`.
+    (excluding compilation), `seconds`, `compile_seconds`, `total_tokens`, and per-token
+    provenance `drafted`: per row, a list of num_generated booleans, True where that token is
+    an accepted MTP draft, False where the trunk produced it (the first token, and each verify
+    step's correction or bonus token); `accepted_drafts`: per row, the count of True (kept
+    separately on the device, as a consistency check).
     """
     s, compile_s, run_s = speculative_decode_state(
         model,
@@ -397,6 +442,7 @@ def speculative_generate(
         rng=rng,
     )
     tokens, count = finish(s.out, s.count, max_new_tokens, pad_id)
+    drafted = [row[:c].tolist() for row, c in zip(np.asarray(s.drafted, bool), count)]
     total = int(count.sum())
     row_steps = max(int(s.row_steps), 1)
     stats = {
@@ -407,5 +453,7 @@ def speculative_generate(
         "compile_seconds": compile_s,
         "tokens_per_sec": total / run_s if run_s > 0 else float("inf"),
         "total_tokens": total,
+        "drafted": drafted,
+        "accepted_drafts": np.asarray(s.row_drafted).tolist(),
     }
     return DecodeResult(tokens=tokens, num_generated=count, stats=stats)
