@@ -204,8 +204,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(code_store, tmp_pa
     assert Checkpointer(str(tmp_path), config).all_steps() == [3]
 
 
-def test_smoke_config_trains_and_logs_every_depth(code_store, tmp_path, capsys):
-    workdir = str(tmp_path / "smoke")
+def test_smoke_config_trains_and_logs_every_depth(code_store, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    workdir = "smoke"  # relative, as in README's quickstart
     code = train_main(
         [
             "--config",
@@ -242,6 +243,7 @@ def test_smoke_config_trains_and_logs_every_depth(code_store, tmp_path, capsys):
         assert key in records[-1], key
     assert 0 < records[-1]["mfu"] < 1
     assert list((tmp_path / "smoke" / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "smoke" / "checkpoints").iterdir()) == ["30", "60"]
     assert "sample" in capsys.readouterr().out
 
     # mtp-generate reads the checkpoint this run wrote.

@@ -29,6 +29,10 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """WORKDIR/checkpoints, absolute (Orbax needs absolute paths; URLs such as gs:// stay)."""
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)
     return epath.Path(workdir) / "checkpoints"
 
 

@@ -85,12 +85,18 @@ def main(argv: list[str] | None = None) -> int:
             from mtp_jax.plan import plan_main
 
             return plan_main(config, args.config, args.topology)
-        distributed.initialize(
-            args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout
-        )
+        try:
+            distributed.initialize(
+                args.coordinator_address,
+                args.num_processes,
+                args.process_id,
+                args.heartbeat_timeout,
+            )
+        except ValueError as e:  # missing multi-process flags: a usage error
+            raise ConfigError(str(e)) from e
         os.makedirs(args.workdir, exist_ok=True)
         result = train(config, args.workdir, compile_only=args.compile_only)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"mtp-train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
