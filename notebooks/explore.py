@@ -106,7 +106,8 @@ plt.show()
 
 # %%
 covered = ~np.isnan(loss_by_token).any(0)
-recurring = np.where(covered, np.nanmin(loss_by_token, axis=0), 0.0)  # hard at every depth
+recurring = np.zeros(S + D + 1)  # the loss of the depth that finds token j easiest
+recurring[covered] = loss_by_token[:, covered].min(axis=0)
 top = np.argsort(-recurring)[:15]
 print("choice points (token: min loss over depths):")
 print(", ".join(f"{tokenizer.decode([int(window[j])])!r}: {recurring[j]:.1f}" for j in top))

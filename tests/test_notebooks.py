@@ -29,6 +29,19 @@ def test_notebooks_exist_with_outputs_stripped():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_matches_its_jupytext_pair(path):
+    import jupytext
+
+    def cells(nb):
+        return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+    paired = jupytext.read(path.with_suffix(".py"))
+    assert cells(nbformat.read(path, as_version=4)) == cells(paired), (
+        f"{path.name} and {path.stem}.py differ: run jupytext --sync notebooks/{path.stem}.py"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_uses_only_the_public_api(path):
     tree = ast.parse(_code(path))
     public = set(mtp_jax.__all__)

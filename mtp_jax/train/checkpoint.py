@@ -11,6 +11,7 @@ exactly where they stopped (Grain's own handler writes one file per process and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -34,6 +35,18 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)
     return epath.Path(workdir) / "checkpoints"
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Orbax warns through absl that a read-only manager is read-only; say nothing of it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _manager(
@@ -134,7 +147,8 @@ def saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[C
     """The config stored with a checkpoint (default: the newest) and that step."""
     if not os.path.isdir(os.fspath(workdir)) and "://" not in os.fspath(workdir):
         raise CheckpointError(f"workdir {os.fspath(workdir)!r} does not exist")
-    manager = _manager(workdir, read_only=True)
+    with _quiet_absl():
+        manager = _manager(workdir, read_only=True)
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise CheckpointError(
@@ -168,7 +182,8 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tupl
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    manager = _manager(workdir, read_only=True)
+    with _quiet_absl():
+        manager = _manager(workdir, read_only=True)
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )
