@@ -13,6 +13,7 @@ back (after rejected speculative drafts) is just decoding again from an earlier 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -109,6 +110,25 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
+def matmul(x: Array, w: Array, contract: int = 1) -> Array:
+    """Contracts the last `contract` axes of x with the first `contract` axes of w.
+
+    x [..., *C], w [*C, *O] -> [..., *O], computed as one 2-D matmul [prod(...), prod(C)] x
+    [prod(C), prod(O)]. The same contraction as the einsum, but on CPUs XLA's backward of a
+    dot_general with several contracting (batch-like) axes materialises transposed copies
+    of the activations; the 2-D form keeps every weight gradient a plain x^T @ dy
+    (about 2.5x faster for the SwiGLU MLP's forward + backward).
+    """
+    lead, inner, out = (
+        x.shape[: x.ndim - contract],
+        x.shape[x.ndim - contract :],
+        w.shape[contract:],
+    )
+    k = math.prod(inner)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
+    return y.reshape(lead + out)
+
+
 def rope(x: Array, positions: Array, theta: float) -> Array:
     """Rotary position embedding. x [B, T, N, H], positions [B, T] -> [B, T, N, H]."""
     half = x.shape[-1] // 2
@@ -147,13 +167,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         e, n, nk, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
-        def proj(name, shape, names, spec, inp):
+        def proj(name, shape, names, inp, contract=1):
             w = self.param(name, _init(cfg, names), shape, cfg.weight_dtype)
-            return jnp.einsum(spec, inp, w.astype(cfg.compute_dtype))
+            return matmul(inp, w.astype(cfg.compute_dtype), contract)
 
-        q = proj("query", (e, n, h), ("embed", "heads", "kv"), "bte,enh->btnh", x)
-        k = proj("key", (e, nk, h), ("embed", "kv_heads", "kv"), "bte,ekh->btkh", x)
-        v = proj("value", (e, nk, h), ("embed", "kv_heads", "kv"), "bte,ekh->btkh", x)
+        q = proj("query", (e, n, h), ("embed", "heads", "kv"), x)
+        k = proj("key", (e, nk, h), ("embed", "kv_heads", "kv"), x)
+        v = proj("value", (e, nk, h), ("embed", "kv_heads", "kv"), x)
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
 
@@ -175,7 +195,7 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, implementation=_impl(cfg, mask)
         )
-        out = proj("out", (n, h, e), ("heads", "kv", "embed"), "btnh,nhe->bte", out)
+        out = proj("out", (n, h, e), ("heads", "kv", "embed"), out, contract=2)
         return out, new_cache
 
 
@@ -204,10 +224,14 @@ class Mlp(nn.Module):
             kernel_init=_init(cfg, names),
             name=name,
         )
-        gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
-        up = dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return dense(cfg.d_model, ("mlp", "embed"), "down")(h)
+        # Dense layers on [B*T, E] rows (see `matmul`: 2-D weight gradients are much faster).
+        rows = x.reshape(-1, x.shape[-1])
+        gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate")(rows)
+        up = dense(cfg.mlp_dim, ("embed", "mlp"), "up")(rows)
+        h = (nn.silu(gate) * up).reshape(x.shape[:-1] + (cfg.mlp_dim,))
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        out = dense(cfg.d_model, ("mlp", "embed"), "down")(h.reshape(-1, cfg.mlp_dim))
+        return out.reshape(x.shape[:-1] + (cfg.d_model,))
 
 
 class Block(nn.Module):

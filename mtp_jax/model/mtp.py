@@ -50,7 +50,8 @@ class MTPDepth(nn.Module):
             param_dtype=cfg.weight_dtype,
             kernel_init=_init(cfg, ("mlp", "embed")),
             name="proj",
-        )(joined)
+        )(joined.reshape(-1, joined.shape[-1]))  # on [B*T, 2E] rows: a 2-D weight gradient
+        x = x.reshape(joined.shape[:-1] + (cfg.d_model,))
         h, cache = remat(Block, cfg.remat_policy)(cfg, name="block")(
             x, positions, segment_ids, cache
         )
