@@ -35,8 +35,13 @@ def peak_for_kind(kind: str) -> float | None:
 
 
 @functools.cache
-def measured_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n x n matmul on one local device (the CPU's usable peak)."""
+def measured_peak(n: int = 2048, repeats: int = 20) -> float:
+    """FLOP/s of a float32 n x n matmul on one local device (the CPU's usable peak).
+
+    The fastest of `repeats` runs: other work on the same cores only slows a run down, so
+    the minimum time is the closest to the machine's peak. On a busy machine set
+    `train.peak_flops` for MFU figures you report.
+    """
     device = jax.local_devices()[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
     f = jax.jit(lambda x: x @ x)
