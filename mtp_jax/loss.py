@@ -13,7 +13,6 @@ away, so no [B, S, V] tensor per depth stays alive and no logits are recomputed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -24,13 +23,6 @@ import jax.numpy as jnp
 from mtp_jax.model.layers import ModelConfig
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """chunk_size: positions per logits chunk (0 = one full [D+1, B, S, V] tensor)."""
-
-    chunk_size: int = 0
 
 
 @flax.struct.dataclass
