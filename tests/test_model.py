@@ -187,3 +187,24 @@ def test_param_count_matches_init():
             _, params, _ = _init(cfg, seq=4)
             n = sum(x.size for x in jax.tree.leaves(params))
             assert mtp_jax.param_count(cfg) == n
+
+
+@pytest.mark.parametrize("layout", ["sequential", "parallel"])
+def test_attention_stays_inside_its_document(layout):
+    """With packed documents, a token of document 1 moves no output of document 2 (any depth),
+    and still moves document 1's outputs at and after it."""
+    seq, depth, boundary = 8, 2, 4
+    cfg = tiny_model_config(mtp_depth=depth, mtp_layout=layout)
+    model, params, tokens = _init(cfg, seq, batch=1)
+    segments = jnp.where(jnp.arange(seq + depth) < boundary, 1, 2)[None]
+    perturbed = jnp.tile(tokens, (boundary + 1, 1))
+    perturbed = perturbed.at[jnp.arange(boundary), jnp.arange(boundary)].set(
+        (tokens[0, :boundary] + 1) % 97
+    )
+    logits = jax.jit(model.apply)(
+        {"params": params}, perturbed, jnp.tile(segments, (boundary + 1, 1))
+    ).logits
+    moved = np.asarray(jnp.abs(logits[:, :boundary] - logits[:, boundary:]).max(-1) > 1e-6)
+    for j in range(boundary):
+        assert not moved[:, j, boundary:].any(), j  # document 2 never sees document 1
+        assert moved[0, j, j:boundary].all(), j  # document 1 does
