@@ -7,8 +7,10 @@ is masked out.
 
 Losses come back as sums plus token counts per depth, so means stay exact across chunks,
 microbatches, depths and hosts. The logits are computed `chunk_size` positions at a time by
-a fused loss with a custom VJP: each chunk's gradients are formed from its softmax right
-away, so no [B, S, V] tensor per depth stays alive and no logits are recomputed.
+a fused loss with a custom VJP, one depth at a time: each chunk's gradients are formed from
+its softmax right away, so no [B, S, V] tensor per depth stays alive, no logits are
+recomputed, and an extra depth adds no logits buffer (the training loss also shares one
+head-gradient accumulator across depths).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -67,93 +70,129 @@ def _chunk_sums(hidden: Array, head: Array, targets: Array, mask: Array):
     return ce.sum((1, 2)), correct.sum((1, 2)).astype(jnp.float32), pred
 
 
-def _fused_chunk(hidden: Array, head: Array, targets: Array, mask: Array, with_grad: bool):
-    """One chunk of the fused loss: hidden [D+1, B, c, E], head [E, V], targets/mask [D+1, B, c].
+def _constrain(x: Array) -> Array:
+    """Pins a depth's [B, c, E] slice (and its gradient) to the activation sharding.
 
-    Returns (loss [D+1], correct [D+1], pred [D+1, B, c]) and, with `with_grad`, the
-    gradients of each depth's loss sum: d hidden [D+1, B, c, E], d head [D+1, E, V] (f32).
-    The matmuls run on [D+1 * B * c, E] rows: 2-D dots (fast weight gradients on CPUs).
+    Without it, XLA's SPMD partitioner (jax 0.10.2) mis-partitions the depth scan nested
+    around the chunk scan on a (2, 2, 2) mesh: loss values stay right but every gradient
+    through the model is wrong (tests/test_train.py's 8-vs-1-device test catches it).
     """
-    depths, emb, vocab = hidden.shape[0], hidden.shape[-1], head.shape[-1]
-    rows = hidden.reshape(-1, emb)
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+def _fused_chunk(
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    mask: Array,
+    weight: Array,
+    with_grad: bool,
+    with_pred: bool,
+):
+    """One chunk of one depth: hidden [B, c, E], head [E, V], targets/mask [B, c], weight [].
+
+    Returns (loss sum [], correct [], pred [B, c] (None without `with_pred`)) and, with
+    `with_grad`, the gradients of weight * loss sum: d hidden [B, c, E], d head [E, V] (f32).
+    The matmuls run on [B * c, E] rows: 2-D dots (fast weight gradients on CPUs).
+    """
+    vocab = head.shape[-1]
+    rows = hidden.reshape(-1, hidden.shape[-1])
     logits = jnp.dot(rows, head, preferred_element_type=jnp.float32)  # [N, V]
     t, m = targets.reshape(-1), mask.reshape(-1)
     top = jnp.max(logits, axis=-1, keepdims=True)
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
     target_logit = jnp.take_along_axis(logits, t[:, None], axis=1)[:, 0]
-    ce = jnp.where(m, lse[:, 0] - target_logit, 0.0).reshape(targets.shape)
-    # argmax as "first index of the max": two plain reductions, much faster on CPUs than
-    # XLA's variadic (value, index) reduce, and equal to jnp.argmax for finite logits. The
-    # accuracy reads "the target's logit is the max" (the same unless logits tie exactly), so
-    # a train step, which does not use `pred`, never computes it.
+    ce = jnp.where(m, lse[:, 0] - target_logit, 0.0)
+    # The accuracy reads "the target's logit is the max" (the same as argmax == target unless
+    # logits tie exactly), so a train step needs no argmax: on CPUs that pass over [N, V]
+    # costs more than the logits matmul, so it only runs `with_pred` (eval, drafting stats).
+    # argmax as "first index of the max": two plain reductions, faster on CPUs than XLA's
+    # variadic (value, index) reduce, and equal to jnp.argmax for finite logits.
     ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    pred = jnp.minimum(jnp.min(jnp.where(logits == top, ids, vocab), axis=-1), vocab - 1)
-    pred = pred.reshape(targets.shape)
-    hit = (target_logit >= top[:, 0]).reshape(targets.shape)
-    correct = (hit & mask).sum((1, 2)).astype(jnp.float32)
-    out = (ce.sum((1, 2)), correct, pred)
+    pred = None
+    if with_pred:
+        pred = jnp.minimum(jnp.min(jnp.where(logits == top, ids, vocab), axis=-1), vocab - 1)
+        pred = pred.reshape(targets.shape)
+    correct = ((target_logit >= top[:, 0]) & m).sum().astype(jnp.float32)
+    out = (ce.sum(), correct, pred)
     if not with_grad:
         return out, None
     # d(sum of CE)/d logits = softmax - onehot(target) on unmasked positions. (exp is
     # recomputed here rather than kept: one [N, V] buffer fewer.)
     probs = jnp.exp(logits - lse)
-    is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t[:, None]
-    dlogits = jnp.where(m[:, None], jnp.where(is_target, probs - 1.0, probs), 0.0)
-    dlogits = dlogits.astype(head.dtype)
+    dlogits = jnp.where(m[:, None], jnp.where(ids == t[:, None], probs - 1.0, probs), 0.0)
+    dlogits = (dlogits * weight).astype(head.dtype)
     d_hidden = jnp.dot(dlogits, head.T, preferred_element_type=jnp.float32)
-    d_head = jnp.einsum(
-        "dne,dnv->dev",
-        rows.reshape(depths, -1, emb),
-        dlogits.reshape(depths, -1, vocab),
-        preferred_element_type=jnp.float32,
-    )
-    return out, (d_hidden.astype(hidden.dtype).reshape(hidden.shape), d_head)
+    d_head = jnp.dot(rows.T, dlogits, preferred_element_type=jnp.float32)
+    return out, (_constrain(d_hidden.astype(hidden.dtype).reshape(hidden.shape)), d_head)
 
 
-def _chunked(hidden, head, targets, mask, chunk_size, with_grad):
-    """Scans `_fused_chunk` over S / chunk_size chunks; accumulates sums (and d head)."""
-    seq = hidden.shape[2]
+def _chunked(hidden, head, targets, mask, chunk_size, weights, with_grad, with_pred=True):
+    """`_fused_chunk` depth by depth (a scan) and, within a depth, chunk by chunk (a scan), so
+    only one depth's chunk of logits is alive at a time, whatever D is.
+
+    hidden [D+1, B, S, E], targets/mask [D+1, B, S] -> (loss [D+1], correct [D+1],
+    pred [D+1, B, S] or None) and, with `with_grad`, gradients formed from each chunk's softmax:
+    - weights None: of each depth's loss sum, d hidden [D+1, B, S, E], d head [D+1, E, V] f32;
+    - weights [D+1]: of sum_k weights[k] * loss_k, d hidden [D+1, B, S, E] and one
+      d head [E, V] f32 accumulated over all depths (no per-depth copies of the head).
+    """
+    seq, depths = hidden.shape[2], hidden.shape[0]
     n = seq // chunk_size
+    shared = weights is not None
 
-    def split(x):  # [D+1, B, S, ...] -> [n, D+1, B, c, ...]
-        x = x.reshape(x.shape[:2] + (n, chunk_size) + x.shape[3:])
-        return jnp.moveaxis(x, 2, 0)
+    def split(x):  # [B, S, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape((x.shape[0], n, chunk_size) + x.shape[2:]), 1, 0)
 
-    def merge(x):  # [n, D+1, B, c, ...] -> [D+1, B, S, ...]
-        x = jnp.moveaxis(x, 0, 2)
-        return x.reshape(x.shape[:2] + (seq,) + x.shape[4:])
+    def merge(x):  # [n, B, c, ...] -> [B, S, ...]
+        if x is None:
+            return None
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape((x.shape[0], seq) + x.shape[3:])
 
-    depths = hidden.shape[0]
+    def depth(d_head, xs):  # one depth: [B, S, ...] -> its sums, pred [B, S] (, grads)
+        h, t, m, w = xs
 
-    def step(acc, xs):
-        h, t, m = xs
-        (loss, correct, pred), grads = _fused_chunk(h, head, t, m, with_grad)
-        if not with_grad:
-            return (acc[0] + loss, acc[1] + correct), (pred,)
-        return (acc[0] + loss, acc[1] + correct, acc[2] + grads[1]), (pred, grads[0])
+        def chunk(acc, xs):
+            (loss, correct, pred), grads = _fused_chunk(
+                _constrain(xs[0]), head, *xs[1:], w, with_grad, with_pred
+            )
+            acc = (acc[0] + loss, acc[1] + correct) + ((acc[2] + grads[1],) if with_grad else ())
+            return acc, (pred,) + ((grads[0],) if with_grad else ())
 
-    zeros = jnp.zeros(depths, jnp.float32)
-    init = (zeros, zeros)
-    if with_grad:
-        init += (jnp.zeros((depths,) + head.shape, jnp.float32),)
-    if n == 1:
-        acc, ys = step(init, (hidden, targets, mask))
-        ys = jax.tree.map(lambda y: y[None], ys)
-    else:
-        acc, ys = jax.lax.scan(step, init, (split(hidden), split(targets), split(mask)))
-    pred = merge(ys[0])
+        zero = jnp.zeros((), jnp.float32)
+        init = (zero, zero)
+        if with_grad:
+            init += (d_head if shared else jnp.zeros(head.shape, jnp.float32),)
+        if n == 1:
+            acc, ys = chunk(init, (h, t, m))
+        else:
+            acc, ys = jax.lax.scan(chunk, init, (split(h), split(t), split(m)))
+            ys = tuple(merge(y) for y in ys)
+        per_depth = (acc[0], acc[1]) + ys + ((acc[2],) if with_grad and not shared else ())
+        return (acc[2] if with_grad and shared else d_head), per_depth
+
+    ones = jnp.ones((depths,), jnp.float32)
+    w_all = ones if weights is None else weights.astype(jnp.float32)
+    d_head = jnp.zeros(head.shape, jnp.float32) if with_grad and shared else zero_scalar()
+    d_head, ys = jax.lax.scan(depth, d_head, (hidden, targets, mask, w_all))
+    out = ys[:3]
     if not with_grad:
-        return (acc[0], acc[1], pred), None
-    return (acc[0], acc[1], pred), (merge(ys[1]), acc[2])
+        return out, None
+    return out, (ys[3], d_head if shared else ys[4])
+
+
+def zero_scalar() -> Array:
+    return jnp.zeros((), jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused_ce(hidden, head, targets, mask, chunk_size):
-    return _chunked(hidden, head, targets, mask, chunk_size, with_grad=False)[0]
+    return _chunked(hidden, head, targets, mask, chunk_size, None, with_grad=False)[0]
 
 
 def _fused_ce_fwd(hidden, head, targets, mask, chunk_size):
-    out, grads = _chunked(hidden, head, targets, mask, chunk_size, with_grad=True)
+    out, grads = _chunked(hidden, head, targets, mask, chunk_size, None, with_grad=True)
     return out, (grads, jnp.zeros((0,), head.dtype))  # an empty array carries the dtype
 
 
@@ -168,30 +207,104 @@ def _fused_ce_bwd(chunk_size, residuals, cotangents):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_weighted_ce(hidden, head, targets, mask, weights, chunk_size, with_pred):
+    out = _chunked(hidden, head, targets, mask, chunk_size, weights, False, with_pred)[0]
+    loss, correct, pred = out
+    return jnp.sum(weights * loss), loss, correct, pred
+
+
+def _fused_weighted_ce_fwd(hidden, head, targets, mask, weights, chunk_size, with_pred):
+    (loss, correct, pred), grads = _chunked(
+        hidden, head, targets, mask, chunk_size, weights, True, with_pred
+    )
+    out = (jnp.sum(weights * loss), loss, correct, pred)
+    return out, (grads, jnp.zeros((0,), head.dtype))
+
+
+def _fused_weighted_ce_bwd(chunk_size, with_pred, residuals, cotangents):
+    (d_hidden, d_head), dtype_of_head = residuals
+    g = cotangents[0]  # only the weighted total is differentiable
+    return (
+        d_hidden * g.astype(d_hidden.dtype),
+        (d_head * g).astype(dtype_of_head.dtype),
+        None,
+        None,
+        None,
+    )
+
+
+_fused_weighted_ce.defvjp(_fused_weighted_ce_fwd, _fused_weighted_ce_bwd)
+
+
+def _check_chunk(seq: int, chunk_size: int) -> int:
+    chunk_size = min(chunk_size, seq)
+    if seq % chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {seq}")
+    return chunk_size
+
+
 def cross_entropy_sums(
     hidden: Array, head: Array, targets: Array, mask: Array, chunk_size: int = 0
 ) -> tuple[DepthSums, Array]:
-    """Chunked cross-entropy of every depth.
+    """Chunked cross-entropy of every depth, each depth's sum differentiable on its own.
 
     hidden [D+1, B, S, E], head [E, V], targets/mask [D+1, B, S]
     -> (DepthSums with [D+1] leaves, predictions [D+1, B, S] int32 argmax).
 
     chunk_size 0: one plain [D+1, B, S, V] logits tensor, differentiated by autodiff (the
-    reference). chunk_size > 0: a fused loss that scans over chunks of positions and, when
-    differentiated, computes each chunk's gradients (d hidden, d head per depth) in the
-    forward pass from the chunk's softmax, so no logits outlive their chunk and none are
-    recomputed; the backward pass only scales them by each depth's loss cotangent.
+    reference). chunk_size > 0: a fused loss that scans over depths and chunks of positions
+    and, when differentiated, computes each chunk's gradients (d hidden, d head per depth) in
+    the forward pass from the chunk's softmax, so no logits outlive their chunk and none are
+    recomputed; the backward pass only scales them by each depth's loss cotangent. The
+    training loss uses `weighted_cross_entropy`, which needs no per-depth d head.
     """
     count = mask.sum((1, 2)).astype(jnp.float32)
-    seq = hidden.shape[2]
     if not chunk_size:
         loss, correct, pred = _chunk_sums(hidden, head, targets, mask)
         return DepthSums(loss, correct, count), pred
-    chunk_size = min(chunk_size, seq)
-    if seq % chunk_size:
-        raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {seq}")
+    chunk_size = _check_chunk(hidden.shape[2], chunk_size)
     loss, correct, pred = _fused_ce(hidden, head, targets, mask, chunk_size)
     return DepthSums(loss, correct, count), pred
+
+
+def weighted_cross_entropy(
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    mask: Array,
+    weights: Array,
+    chunk_size: int = 0,
+    with_pred: bool = True,
+) -> tuple[Array, DepthSums, Array | None]:
+    """sum_k weights[k] * (CE sum of depth k), plus every depth's sums for the metrics.
+
+    hidden [D+1, B, S, E], head [E, V], targets/mask [D+1, B, S], weights [D+1] (constants:
+    not differentiated) -> (total [], DepthSums [D+1] (values only, no gradient),
+    predictions [D+1, B, S], or None without `with_pred`: a train step skips the argmax).
+    Only `total` carries gradients, to hidden and head. With chunk_size > 0, one f32 [E, V]
+    head gradient is accumulated for all depths, so a depth costs no head-sized buffer.
+    """
+    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+    if not chunk_size:
+        sums, pred = cross_entropy_sums(hidden, head, targets, mask)
+        total = jnp.sum(weights * sums.loss)
+        return total, jax.lax.stop_gradient(sums), (pred if with_pred else None)
+    chunk_size = _check_chunk(hidden.shape[2], chunk_size)
+    total, loss, correct, pred = _fused_weighted_ce(
+        hidden, head, targets, mask, weights, chunk_size, with_pred
+    )
+    count = mask.sum((1, 2)).astype(jnp.float32)
+    return total, jax.lax.stop_gradient(DepthSums(loss, correct, count)), pred
+
+
+def depth_weights(lambdas: Array, counts: Array) -> Array:
+    """The weight of each depth's CE sum in L = L^0 + sum_k lambda_k L^k, L^k = sum_k / count_k.
+
+    lambdas [D], counts [D+1] -> [1, lambda_1, ..., lambda_D] / max(counts, 1), [D+1] f32.
+    """
+    ones = jnp.ones((1,), jnp.float32)
+    return jnp.concatenate([ones, lambdas.astype(jnp.float32)]) / jnp.maximum(counts, 1.0)
 
 
 def weighted_loss(sums: DepthSums, lambdas: Array, counts: Array | None = None) -> Array:
@@ -201,9 +314,7 @@ def weighted_loss(sums: DepthSums, lambdas: Array, counts: Array | None = None) 
     accumulating microbatches, so the accumulated gradient equals the full batch's).
     """
     counts = sums.count if counts is None else counts
-    per_depth = sums.loss / jnp.maximum(counts, 1.0)
-    weights = jnp.concatenate([jnp.ones((1,), per_depth.dtype), lambdas.astype(per_depth.dtype)])
-    return jnp.sum(weights * per_depth)
+    return jnp.sum(depth_weights(lambdas, counts) * sums.loss)
 
 
 def draft_agreement(pred: Array, mask: Array) -> tuple[Array, Array]:
@@ -231,11 +342,13 @@ def loss_and_metrics(
     lambdas: Array,
     chunk_size: int = 0,
     counts: Array | None = None,
-) -> tuple[Array, tuple[DepthSums, Array, Array]]:
+    with_pred: bool = True,
+) -> tuple[Array, tuple[DepthSums, Array | None, Array]]:
     """The training objective of one batch.
 
     batch: {'tokens': [B, S+D+1] int32, 'segment_ids': [B, S+D+1] int32 (optional)}.
-    Returns (loss, (sums, predictions [D+1, B, S], mask [D+1, B, S])).
+    Returns (loss, (sums, predictions [D+1, B, S] (None without `with_pred`),
+    mask [D+1, B, S])). `counts` [D+1] overrides the loss denominators (see `weighted_loss`).
     """
     depth = ModelConfig.from_any(model.config).mtp_depth
     tokens = batch["tokens"]
@@ -247,5 +360,9 @@ def loss_and_metrics(
         None if seg is None else seg[:, :-1],
         method="features_and_head",
     )
-    sums, pred = cross_entropy_sums(hidden, head, targets, mask, chunk_size)
-    return weighted_loss(sums, lambdas, counts), (sums, pred, mask)
+    counts = mask.sum((1, 2)).astype(jnp.float32) if counts is None else counts
+    weights = depth_weights(lambdas, counts)
+    loss, sums, pred = weighted_cross_entropy(
+        hidden, head, targets, mask, weights, chunk_size, with_pred
+    )
+    return loss, (sums, pred, mask)

@@ -9,7 +9,14 @@ import pytest
 from conftest import tiny_model_config
 
 import mtp_jax
-from mtp_jax.loss import cross_entropy_sums, draft_agreement, mtp_targets, weighted_loss
+from mtp_jax.loss import (
+    cross_entropy_sums,
+    depth_weights,
+    draft_agreement,
+    mtp_targets,
+    weighted_cross_entropy,
+    weighted_loss,
+)
 
 
 def test_targets_shift_and_document_mask():
@@ -60,6 +67,18 @@ def test_chunked_loss_equals_full_loss(with_docs):
     np.testing.assert_array_equal(p_full, p_chunk)
     for a, b in zip(g_full, g_chunk, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The training path: one weighted total, one shared head-gradient accumulator.
+    weights = depth_weights(lambdas, mask.sum((1, 2)))
+    for chunk in (0, 4, 16):
+        (total, sums), g_w = jax.value_and_grad(
+            lambda h, w, c=chunk: weighted_cross_entropy(h, w, targets, mask, weights, c)[:2],
+            (0, 1),
+            has_aux=True,
+        )(hidden, head)
+        np.testing.assert_allclose(total, full, rtol=1e-6)
+        np.testing.assert_allclose(sums.loss, s_full.loss, rtol=1e-5)
+        for a, b in zip(g_full, g_w, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # The reference: plain log-softmax cross-entropy, token mean per depth.
     logits = jnp.einsum("dbse,ev->dbsv", hidden, head)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]

@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_model_config
 
 import mtp_jax
+from mtp_jax.loss import mtp_targets, weighted_cross_entropy
 from mtp_jax.model.layers import Block
 from mtp_jax.model.mtp import MTPDepth
 
@@ -118,9 +119,11 @@ def test_mtp_shares_embedding_and_head(tie):
     window = jnp.concatenate([tokens, tokens[:, :1]], axis=1)
 
     def mtp_only_loss(p):
-        # Depth-0 weight stays 1 in weighted_loss; take depths 1..D alone here.
-        _, (sums, _, _) = mtp_jax.loss_and_metrics(model, p, {"tokens": window}, jnp.ones(2))
-        return jnp.sum(sums.loss[1:] / sums.count[1:])
+        # The training loss's fused path, with depth 0 weighted 0: depths 1..D alone.
+        hidden, head = model.apply({"params": p}, window[:, :-1], method="features_and_head")
+        targets, mask = mtp_targets(window, None, 2)
+        weights = jnp.array([0.0, 1.0, 1.0]) / mask.sum((1, 2))
+        return weighted_cross_entropy(hidden, head, targets, mask, weights, chunk_size=4)[0]
 
     grads = jax.grad(mtp_only_loss)(params)
     assert float(jnp.abs(grads["embed"]["embedding"]).sum()) > 0

@@ -52,9 +52,7 @@ class MTPDepth(nn.Module):
             name="proj",
         )(joined.reshape(-1, joined.shape[-1]))  # on [B*T, 2E] rows: a 2-D weight gradient
         x = x.reshape(joined.shape[:-1] + (cfg.d_model,))
-        h, cache = remat(Block, cfg.remat_policy)(cfg, name="block")(
-            x, positions, segment_ids, cache
-        )
+        h, cache = Block(cfg, name="block")(x, positions, segment_ids, cache)
         return h, (RMSNorm(cfg, name="out_norm")(h), cache)
 
 
@@ -72,20 +70,20 @@ class ParallelHead(nn.Module):
         cache: KVCache | None,
     ) -> tuple[Array, tuple[Array, KVCache | None]]:
         """h0 [B, T, E] -> (h0 unchanged, (out^k [B, T, E], cache))."""
-        h, cache = remat(Block, self.cfg.remat_policy)(self.cfg, name="block")(
-            h0, positions, segment_ids, cache
-        )
+        h, cache = Block(self.cfg, name="block")(h0, positions, segment_ids, cache)
         return h0, (RMSNorm(self.cfg, name="out_norm")(h), cache)
 
 
-def _depth_scan(module_cls: type[nn.Module], in_axes: tuple, length: int):
+def _depth_scan(module_cls: type[nn.Module], cfg: ModelConfig, in_axes: tuple):
+    """`module_cls` scanned over cfg.mtp_depth stacked depths, each rematerialised whole
+    (norms, concat and projection too, not just the block) by `model.remat_policy`."""
     return nn.scan(
-        module_cls,
+        remat(module_cls, cfg.remat_policy),
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=in_axes,
         out_axes=0,
-        length=length,
+        length=cfg.mtp_depth,
         metadata_params={nn.PARTITION_NAME: "depth"},
     )
 
@@ -108,7 +106,7 @@ class SequentialMTP(nn.Module):
 
         Returns out [D, B, T, E] (normed hidden of depths 1..D) and the caches [D, ...].
         """
-        scan = _depth_scan(MTPDepth, (0, nn.broadcast, nn.broadcast, 0), self.cfg.mtp_depth)
+        scan = _depth_scan(MTPDepth, self.cfg, (0, nn.broadcast, nn.broadcast, 0))
         _, (outs, cache) = scan(self.cfg, name="depths")(h0, embs, positions, segment_ids, cache)
         return outs, cache
 
@@ -127,6 +125,6 @@ class ParallelHeads(nn.Module):
         cache: KVCache | None = None,
     ) -> tuple[Array, KVCache | None]:
         """h0 [B, T, E] -> out [D, B, T, E], caches [D, ...]."""
-        scan = _depth_scan(ParallelHead, (nn.broadcast, nn.broadcast, 0), self.cfg.mtp_depth)
+        scan = _depth_scan(ParallelHead, self.cfg, (nn.broadcast, nn.broadcast, 0))
         _, (outs, cache) = scan(self.cfg, name="heads")(h0, positions, segment_ids, cache)
         return outs, cache

@@ -51,7 +51,9 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
 
         def grad_of(micro):
             def loss_fn(params):
-                return loss_and_metrics(model, params, micro, lambdas, chunk, counts)
+                return loss_and_metrics(
+                    model, params, micro, lambdas, chunk, counts, with_pred=False
+                )
 
             (loss, (sums, _, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             return loss, sums, grads
