@@ -105,6 +105,30 @@ def test_chunked_loss_keeps_no_full_logits_alive():
     assert temp_bytes(64) <= 3 * chunk_bytes < logits_bytes / 2
 
 
+def test_training_loss_adds_no_logits_buffer_per_depth():
+    """The fused training loss works one depth at a time with one head-gradient accumulator:
+    two more depths add far less than one chunk of logits to the compiled temp memory."""
+    batch, seq, emb, vocab, chunk = 4, 256, 32, 8192, 64
+
+    def temp_bytes(depth):
+        hidden = jnp.ones((depth + 1, batch, seq, emb))
+        targets = jnp.zeros((depth + 1, batch, seq), jnp.int32)
+        mask = jnp.ones((depth + 1, batch, seq), bool)
+        weights = jnp.ones((depth + 1,))
+
+        def total(h, w):
+            return weighted_cross_entropy(h, w, targets, mask, weights, chunk, with_pred=False)[0]
+
+        f = jax.jit(jax.grad(total, (0, 1)))
+        return (
+            f.lower(hidden, jnp.ones((emb, vocab))).compile().memory_analysis().temp_size_in_bytes
+        )
+
+    chunk_logits = batch * chunk * vocab * 4
+    assert temp_bytes(1) >= chunk_logits  # a chunk's logits are there, once
+    assert temp_bytes(3) - temp_bytes(1) < chunk_logits / 4
+
+
 def test_draft_agreement_compares_same_target_token():
     # depth 1 at i predicts token i+2, as does depth 0 at i+1.
     pred = jnp.array([[[5, 6, 7, 8]], [[6, 0, 8, 9]]])  # [D+1=2, B=1, S=4]
