@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 import mtp_jax
+from mtp_jax.hostenv import reexec_with_tuned_malloc
 from mtp_jax.inference import generate, speculative_generate
 
 SMOKE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
@@ -182,4 +183,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/hostenv.py)
     main()

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import apply_overrides, base_config, validate
+from mtp_jax.hostenv import reexec_with_tuned_malloc
 from mtp_jax.model import Model, model_flops
 from mtp_jax.sharding import batch_sharding, make_mesh, replicated
 from mtp_jax.train.mfu import measured_peak
@@ -269,4 +270,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/hostenv.py)
     main()

@@ -2,7 +2,7 @@
 
 import sys
 
-from mtp_jax.inference.cli import main
+from mtp_jax.inference.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

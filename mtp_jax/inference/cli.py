@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any
 
+from mtp_jax.hostenv import reexec_with_tuned_malloc
+
 PROG = "mtp-generate"
 
 
@@ -108,6 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_accepted": stats.get("mean_accepted", 1.0),
         "speculative": speculative,
     }
+
+
+def entry() -> int:
+    """The `mtp-generate` console script: `main` in a process with tuned malloc (`hostenv`)."""
+    reexec_with_tuned_malloc()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from mtp_jax.config import ConfigError, load_config
+from mtp_jax.hostenv import reexec_with_tuned_malloc
 
 log = logging.getLogger("mtp_jax")
 
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None):
             "(config overrides look like --config.train.steps=100)"
         )
     return args, overrides
+
+
+def entry() -> int:
+    """The `mtp-train` console script: `main` in a process with tuned malloc (`hostenv`)."""
+    reexec_with_tuned_malloc()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:
