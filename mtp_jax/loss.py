@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import ModelConfig
+from mtp_jax.model.layers import ModelConfig, transposed
 
 Array = jax.Array
 
@@ -123,7 +123,7 @@ def _fused_chunk(
     dlogits = jnp.where(m[:, None], jnp.where(ids == t[:, None], probs - 1.0, probs), 0.0)
     dlogits = (dlogits * weight).astype(head.dtype)
     d_hidden = jnp.dot(dlogits, head.T, preferred_element_type=jnp.float32)
-    d_head = jnp.dot(rows.T, dlogits, preferred_element_type=jnp.float32)
+    d_head = jnp.dot(transposed(rows), dlogits, preferred_element_type=jnp.float32)
     return out, (_constrain(d_hidden.astype(hidden.dtype).reshape(hidden.shape)), d_head)
 
 

@@ -18,7 +18,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import Block, KVCache, ModelConfig, RMSNorm, _init, remat
+from mtp_jax.model.layers import (
+    Block,
+    KVCache,
+    ModelConfig,
+    RMSNorm,
+    _init,
+    dense_dot_general,
+    remat,
+)
 
 Array = jax.Array
 
@@ -49,6 +57,7 @@ class MTPDepth(nn.Module):
             dtype=cfg.compute_dtype,
             param_dtype=cfg.weight_dtype,
             kernel_init=_init(cfg, ("mlp", "embed")),
+            dot_general=dense_dot_general,
             name="proj",
         )(joined.reshape(-1, joined.shape[-1]))  # on [B*T, 2E] rows: a 2-D weight gradient
         x = x.reshape(joined.shape[:-1] + (cfg.d_model,))
