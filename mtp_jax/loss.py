@@ -174,16 +174,13 @@ def _chunked(hidden, head, targets, mask, chunk_size, weights, with_grad, with_p
 
     ones = jnp.ones((depths,), jnp.float32)
     w_all = ones if weights is None else weights.astype(jnp.float32)
-    d_head = jnp.zeros(head.shape, jnp.float32) if with_grad and shared else zero_scalar()
+    # The depth scan carries the shared d head; otherwise an unused scalar.
+    d_head = jnp.zeros(head.shape if with_grad and shared else (), jnp.float32)
     d_head, ys = jax.lax.scan(depth, d_head, (hidden, targets, mask, w_all))
     out = ys[:3]
     if not with_grad:
         return out, None
     return out, (ys[3], d_head if shared else ys[4])
-
-
-def zero_scalar() -> Array:
-    return jnp.zeros((), jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
