@@ -131,15 +131,13 @@ def _chunked(hidden, head, targets, mask, chunk_size, weights, with_grad, with_p
     """`_fused_chunk` depth by depth (a scan) and, within a depth, chunk by chunk (a scan), so
     only one depth's chunk of logits is alive at a time, whatever D is.
 
-    hidden [D+1, B, S, E], targets/mask [D+1, B, S] -> (loss [D+1], correct [D+1],
-    pred [D+1, B, S] or None) and, with `with_grad`, gradients formed from each chunk's softmax:
-    - weights None: of each depth's loss sum, d hidden [D+1, B, S, E], d head [D+1, E, V] f32;
-    - weights [D+1]: of sum_k weights[k] * loss_k, d hidden [D+1, B, S, E] and one
-      d head [E, V] f32 accumulated over all depths (no per-depth copies of the head).
+    hidden [D+1, B, S, E], targets/mask [D+1, B, S], weights [D+1] -> (loss [D+1],
+    correct [D+1], pred [D+1, B, S] or None) and, with `with_grad`, the gradients of
+    sum_k weights[k] * loss_k formed from each chunk's softmax: d hidden [D+1, B, S, E] and
+    one d head [E, V] f32 accumulated over all depths (no per-depth copies of the head).
     """
-    seq, depths = hidden.shape[2], hidden.shape[0]
+    seq = hidden.shape[2]
     n = seq // chunk_size
-    shared = weights is not None
 
     def split(x):  # [B, S, ...] -> [n, B, c, ...]
         return jnp.moveaxis(x.reshape((x.shape[0], n, chunk_size) + x.shape[2:]), 1, 0)
@@ -150,7 +148,7 @@ def _chunked(hidden, head, targets, mask, chunk_size, weights, with_grad, with_p
         x = jnp.moveaxis(x, 0, 1)
         return x.reshape((x.shape[0], seq) + x.shape[3:])
 
-    def depth(d_head, xs):  # one depth: [B, S, ...] -> its sums, pred [B, S] (, grads)
+    def depth(d_head, xs):  # one depth: [B, S, ...] -> its sums, pred [B, S] (, d hidden)
         h, t, m, w = xs
 
         def chunk(acc, xs):
@@ -161,47 +159,18 @@ def _chunked(hidden, head, targets, mask, chunk_size, weights, with_grad, with_p
             return acc, (pred,) + ((grads[0],) if with_grad else ())
 
         zero = jnp.zeros((), jnp.float32)
-        init = (zero, zero)
-        if with_grad:
-            init += (d_head if shared else jnp.zeros(head.shape, jnp.float32),)
+        init = (zero, zero) + ((d_head,) if with_grad else ())
         if n == 1:
             acc, ys = chunk(init, (h, t, m))
         else:
             acc, ys = jax.lax.scan(chunk, init, (split(h), split(t), split(m)))
             ys = tuple(merge(y) for y in ys)
-        per_depth = (acc[0], acc[1]) + ys + ((acc[2],) if with_grad and not shared else ())
-        return (acc[2] if with_grad and shared else d_head), per_depth
+        return (acc[2] if with_grad else d_head), (acc[0], acc[1]) + ys
 
-    ones = jnp.ones((depths,), jnp.float32)
-    w_all = ones if weights is None else weights.astype(jnp.float32)
-    # The depth scan carries the shared d head; otherwise an unused scalar.
-    d_head = jnp.zeros(head.shape if with_grad and shared else (), jnp.float32)
-    d_head, ys = jax.lax.scan(depth, d_head, (hidden, targets, mask, w_all))
-    out = ys[:3]
-    if not with_grad:
-        return out, None
-    return out, (ys[3], d_head if shared else ys[4])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_ce(hidden, head, targets, mask, chunk_size):
-    return _chunked(hidden, head, targets, mask, chunk_size, None, with_grad=False)[0]
-
-
-def _fused_ce_fwd(hidden, head, targets, mask, chunk_size):
-    out, grads = _chunked(hidden, head, targets, mask, chunk_size, None, with_grad=True)
-    return out, (grads, jnp.zeros((0,), head.dtype))  # an empty array carries the dtype
-
-
-def _fused_ce_bwd(chunk_size, residuals, cotangents):
-    (d_hidden, d_head), dtype_of_head = residuals
-    g = cotangents[0]  # only the loss sums are differentiable
-    d_hidden = d_hidden * g[:, None, None, None].astype(d_hidden.dtype)
-    d_head = jnp.einsum("d,dev->ev", g, d_head).astype(dtype_of_head.dtype)
-    return d_hidden, d_head, None, None
-
-
-_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+    # The depth scan carries the shared d head (without gradients, an unused scalar).
+    d_head = jnp.zeros(head.shape if with_grad else (), jnp.float32)
+    d_head, ys = jax.lax.scan(depth, d_head, (hidden, targets, mask, weights))
+    return ys[:3], ((ys[3], d_head) if with_grad else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -234,35 +203,17 @@ def _fused_weighted_ce_bwd(chunk_size, with_pred, residuals, cotangents):
 _fused_weighted_ce.defvjp(_fused_weighted_ce_fwd, _fused_weighted_ce_bwd)
 
 
-def _check_chunk(seq: int, chunk_size: int) -> int:
-    chunk_size = min(chunk_size, seq)
-    if seq % chunk_size:
-        raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {seq}")
-    return chunk_size
-
-
 def cross_entropy_sums(
-    hidden: Array, head: Array, targets: Array, mask: Array, chunk_size: int = 0
+    hidden: Array, head: Array, targets: Array, mask: Array
 ) -> tuple[DepthSums, Array]:
-    """Chunked cross-entropy of every depth, each depth's sum differentiable on its own.
+    """The reference cross-entropy of every depth, from one plain [D+1, B, S, V] logits tensor.
 
     hidden [D+1, B, S, E], head [E, V], targets/mask [D+1, B, S]
-    -> (DepthSums with [D+1] leaves, predictions [D+1, B, S] int32 argmax).
-
-    chunk_size 0: one plain [D+1, B, S, V] logits tensor, differentiated by autodiff (the
-    reference). chunk_size > 0: a fused loss that scans over depths and chunks of positions
-    and, when differentiated, computes each chunk's gradients (d hidden, d head per depth) in
-    the forward pass from the chunk's softmax, so no logits outlive their chunk and none are
-    recomputed; the backward pass only scales them by each depth's loss cotangent. The
-    training loss uses `weighted_cross_entropy`, which needs no per-depth d head.
+    -> (DepthSums with [D+1] leaves, each depth's sum differentiable by autodiff,
+    predictions [D+1, B, S] int32 argmax). The training loss is `weighted_cross_entropy`.
     """
-    count = mask.sum((1, 2)).astype(jnp.float32)
-    if not chunk_size:
-        loss, correct, pred = _chunk_sums(hidden, head, targets, mask)
-        return DepthSums(loss, correct, count), pred
-    chunk_size = _check_chunk(hidden.shape[2], chunk_size)
-    loss, correct, pred = _fused_ce(hidden, head, targets, mask, chunk_size)
-    return DepthSums(loss, correct, count), pred
+    loss, correct, pred = _chunk_sums(hidden, head, targets, mask)
+    return DepthSums(loss, correct, mask.sum((1, 2)).astype(jnp.float32)), pred
 
 
 def weighted_cross_entropy(
@@ -279,15 +230,25 @@ def weighted_cross_entropy(
     hidden [D+1, B, S, E], head [E, V], targets/mask [D+1, B, S], weights [D+1] (constants:
     not differentiated) -> (total [], DepthSums [D+1] (values only, no gradient),
     predictions [D+1, B, S], or None without `with_pred`: a train step skips the argmax).
-    Only `total` carries gradients, to hidden and head. With chunk_size > 0, one f32 [E, V]
-    head gradient is accumulated for all depths, so a depth costs no head-sized buffer.
+    Only `total` carries gradients, to hidden and head.
+
+    chunk_size 0: `cross_entropy_sums`'s plain logits, differentiated by autodiff. chunk_size
+    > 0: a fused loss that scans over depths and chunks of positions and, when
+    differentiated, computes each chunk's gradients (d hidden, and d head into one f32 [E, V]
+    accumulator for all depths) in the forward pass from the chunk's softmax, so no logits
+    outlive their chunk, none are recomputed, and a depth costs no logits- or head-sized
+    buffer; the backward pass only scales them by the cotangent of `total`.
     """
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
     if not chunk_size:
         sums, pred = cross_entropy_sums(hidden, head, targets, mask)
         total = jnp.sum(weights * sums.loss)
         return total, jax.lax.stop_gradient(sums), (pred if with_pred else None)
-    chunk_size = _check_chunk(hidden.shape[2], chunk_size)
+    chunk_size = min(chunk_size, hidden.shape[2])
+    if hidden.shape[2] % chunk_size:
+        raise ValueError(
+            f"chunk_size {chunk_size} does not divide the sequence length {hidden.shape[2]}"
+        )
     total, loss, correct, pred = _fused_weighted_ce(
         hidden, head, targets, mask, weights, chunk_size, with_pred
     )

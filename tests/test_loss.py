@@ -51,33 +51,28 @@ def test_chunked_loss_equals_full_loss(with_docs):
         assert not bool(mask.all())
     lambdas = jnp.array([0.3, 0.1])
 
-    def loss(h, w, chunk):
-        sums, pred = cross_entropy_sums(h, w, targets, mask, chunk)
+    def reference(h, w):
+        sums, pred = cross_entropy_sums(h, w, targets, mask)
         return weighted_loss(sums, lambdas), (sums, pred)
 
-    (full, (s_full, p_full)), g_full = jax.value_and_grad(loss, (0, 1), has_aux=True)(
-        hidden, head, 0
+    (full, (s_full, p_full)), g_full = jax.value_and_grad(reference, (0, 1), has_aux=True)(
+        hidden, head
     )
-    (chunked, (s_chunk, p_chunk)), g_chunk = jax.value_and_grad(loss, (0, 1), has_aux=True)(
-        hidden, head, 4
-    )
-    np.testing.assert_allclose(full, chunked, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(s_full), jax.tree.leaves(s_chunk), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5)
-    np.testing.assert_array_equal(p_full, p_chunk)
-    for a, b in zip(g_full, g_chunk, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # The training path: one weighted total, one shared head-gradient accumulator.
     weights = depth_weights(lambdas, mask.sum((1, 2)))
     for chunk in (0, 4, 16):
-        (total, sums), g_w = jax.value_and_grad(
-            lambda h, w, c=chunk: weighted_cross_entropy(h, w, targets, mask, weights, c)[:2],
+        (total, (sums, pred)), g_chunk = jax.value_and_grad(
+            lambda h, w, c=chunk: (lambda t, s, p: (t, (s, p)))(
+                *weighted_cross_entropy(h, w, targets, mask, weights, c)
+            ),
             (0, 1),
             has_aux=True,
         )(hidden, head)
         np.testing.assert_allclose(total, full, rtol=1e-6)
-        np.testing.assert_allclose(sums.loss, s_full.loss, rtol=1e-5)
-        for a, b in zip(g_full, g_w, strict=True):
+        for a, b in zip(jax.tree.leaves(s_full), jax.tree.leaves(sums), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5)
+        np.testing.assert_array_equal(p_full, pred)
+        for a, b in zip(g_full, g_chunk, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # The reference: plain log-softmax cross-entropy, token mean per depth.
     logits = jnp.einsum("dbse,ev->dbsv", hidden, head)
@@ -94,8 +89,10 @@ def test_chunked_loss_keeps_no_full_logits_alive():
     targets = jnp.zeros((depth + 1, batch, seq), jnp.int32)
     mask = jnp.ones((depth + 1, batch, seq), bool)
 
+    weights = jnp.ones((depth + 1,))
+
     def temp_bytes(chunk):
-        f = jax.grad(lambda h, w: cross_entropy_sums(h, w, targets, mask, chunk)[0].loss.sum())
+        f = jax.grad(lambda h, w: weighted_cross_entropy(h, w, targets, mask, weights, chunk)[0])
         return jax.jit(f).lower(hidden, head).compile().memory_analysis().temp_size_in_bytes
 
     logits_bytes = (depth + 1) * batch * seq * vocab * 4
