@@ -391,6 +391,24 @@ def test_sampler_filters():
         Sampler(1.0, top_p=0.0)
 
 
+def test_prompt_widths_share_a_compiled_loop(layout_models):
+    """Prompts 9 and 13 columns wide (row lengths 9, 4, 7) run one compiled loop per decoder,
+    and whatever the caller left past each row's length does not change its tokens."""
+    cfg, _, params = layout_models
+    model = mtp_jax.Model(cfg)
+    lengths = np.array([9, 4, 7])
+    narrow = np.asarray(_cycle_walks(jax.random.key(4), 3, 9))
+    wide = np.array(jax.random.randint(jax.random.key(5), (3, 13), 0, VOCAB))
+    for b, n in enumerate(lengths):
+        wide[b, :n] = narrow[b, :n]
+    for decode in (generate, speculative_generate):
+        first = decode(model, params, narrow, lengths, max_new_tokens=11)
+        second = decode(model, params, wide, lengths, max_new_tokens=11)
+        assert first.stats["compile_seconds"] > 0 and second.stats["compile_seconds"] == 0
+        np.testing.assert_array_equal(second.tokens, first.tokens)
+        assert len(set(first.tokens[:, -1].tolist())) > 1
+
+
 # --------------------------------------------------------------------------- errors and CLI
 
 

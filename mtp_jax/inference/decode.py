@@ -8,7 +8,8 @@ result.stats         # {'tokens_per_sec', 'steps', 'seconds', 'compile_seconds',
 ```
 Prompts are right-padded: row b's prompt is `prompts[b, :lengths[b]]`, at positions
 `0 .. lengths[b]-1`. The whole loop (prefill, then one trunk step per token) is one jitted
-function with a preallocated KV cache of `P + max_new_tokens` slots and a `lax.while_loop`
+function with a preallocated KV cache of `P + max_new_tokens` slots (P rounded up by
+`prompt_width`, so that nearby prompt lengths share one compiled loop) and a `lax.while_loop`
 that stops once every row is finished. Padding slots of a short prompt hold garbage keys, but
 the row's first decode step overwrites slot `lengths[b]` before attending and the causal
 mask hides every slot past the query's position, so they are never read.
@@ -121,8 +122,22 @@ def unwrap_params(params: Any) -> Any:
     return params
 
 
+MIN_PROMPT_WIDTH = 16
+
+
+def prompt_width(width: int) -> int:
+    """The compiled prompt width for prompts [B, width]: the next power of two, at least 16.
+
+    Prompts are right-padded to it, so prompts of different lengths share one compiled loop
+    (a notebook trying prompts of 9, 12 and 15 tokens compiles once, not three times); the
+    padding columns are never read (see the module docstring).
+    """
+    return max(MIN_PROMPT_WIDTH, 1 << (width - 1).bit_length())
+
+
 def check_inputs(prompts: Any, lengths: Any, max_new_tokens: int) -> tuple[Array, Array]:
-    """Validates and converts prompts [B, P] and lengths [B] to int32 device arrays."""
+    """Validates prompts [B, P] and lengths [B]; returns them as int32 device arrays, the
+    prompts right-padded (with 0) to `prompt_width(P)` columns."""
     prompts = np.asarray(prompts)
     lengths = np.asarray(lengths)
     if prompts.ndim != 2 or prompts.shape[1] < 1:
@@ -133,6 +148,8 @@ def check_inputs(prompts: Any, lengths: Any, max_new_tokens: int) -> tuple[Array
         raise ValueError(f"lengths must lie in [1, {prompts.shape[1]}], got {lengths.tolist()}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    pad = prompt_width(prompts.shape[1]) - prompts.shape[1]
+    prompts = np.pad(prompts, ((0, 0), (0, pad)))
     return jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
 
 
