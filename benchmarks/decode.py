@@ -1,21 +1,37 @@
 """Decode speed: plain vs self-speculative greedy decoding, D = 1, 2, 3 and parallel heads.
 
-    python benchmarks/decode.py                      # trains three small byte models first
+    python benchmarks/decode.py                      # trains three byte models first (~8 min)
     python benchmarks/decode.py --workdir runs/smoke # or uses a training run's checkpoint
 
 Without --workdir it trains, with the real training loop (`mtp_jax.train.train`) on the smoke
-config's data store (the Python stdlib, byte-level), the smoke model (E=128, vocab 259) with
-D=3 sequential MTP depths on a 2-layer trunk, the same with D=3 parallel heads, and D=3
-sequential depths on a deeper --deep-layers trunk (about 6 minutes on 2 CPU cores in all).
-The speedup bound is roughly tokens_per_step * cost(trunk step) / (cost(trunk verify of D+1
-positions) + D * cost(depth block)): with a 2-layer trunk the three 1-block depths cost more
-than the trunk, so the deeper trunk shows what speculation buys once the trunk dominates.
+config's data store (the Python stdlib, byte-level, vocab 259), three models with D=3 MTP
+depths: the smoke model (E=128, 2 layers) with sequential depths, the same with parallel
+heads, and a --big E x layers model (default 384x16, MLP 3E, 4 heads, sequential depths,
+--big-steps steps; about 4 of the 8 minutes on 2 CPU cores).
+
+Why two sizes: a speculative step costs one trunk forward over D+1 positions plus D depth
+blocks, and emits up to D+1 tokens. It pays when that forward costs little more than a
+one-token step, i.e. when decoding is bound by reading the weights, as it is for real models
+on accelerators. The smoke model's weights (1.1M parameters, 4.5 MB) sit in the CPU's
+caches, so its steps are bound by per-op overhead and compute: at D=3 the 4-position forward
+and the three depth blocks (more than its 2-layer trunk) cost about 5x a plain step and
+speculation loses. The big model's weights (34.6M parameters, 138 MB) stream from memory at
+every step, which makes the 4-position forward cost ~1.2x a plain step and the three depth
+blocks ~0.2x (2-core EPYC).
+`benchmarks/decode_step_cost.py` measures that cost ratio across sizes on random weights.
+
 D=1 and D=2 use the first 1 or 2 depths of a D=3 model. Prompts are the openings of stdlib
 functions (`def` blocks a third into every 10th file); every prompt is decoded alone (batch 1,
 the latency setting speculative decoding is for), greedily, for --max-new-tokens tokens. Prints
 a markdown table: tokens/s (best of --repeats runs per prompt), speedup over plain decoding of
-the same trunk, acceptance per draft position, tokens per verify step, whether the tokens equal
-plain greedy's, and the 1-minute load average; then one prompt's continuation.
+the same trunk, acceptance per draft position, tokens per verify step, the cost of one
+speculative step in plain-token times (tokens per step / speedup), whether the tokens equal
+plain greedy's, and the 1-minute load average; then one prompt's continuation per model.
+Tokens/s count the whole call, prefill included (with speculation, 128 tokens take ~35 verify
+steps, so the prefill weighs ~4x more than in plain decoding), and the step cost is derived
+from them, prefill included. Briefly trained byte models fall into repetitive greedy
+continuations, so acceptance is high and depends on training (--big-steps): read the speedup
+together with the step cost.
 """
 
 from __future__ import annotations
@@ -38,12 +54,16 @@ from mtp_jax.inference import generate, speculative_generate
 SMOKE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
 
-def smoke_config(layout: str, steps: int, depth: int = 3, layers: int = 2):
-    """configs/smoke.py (byte model, E=128) with `depth` MTP depths of `layout`, `layers` layers."""
+def smoke_config(layout: str, steps: int, depth: int = 3, layers: int = 2, width: int = 128):
+    """configs/smoke.py (byte model) with `depth` MTP depths of `layout` and an E=`width`,
+    `layers`-layer trunk (MLP 3E, 4 heads of E/4: the smoke model at width 128)."""
     overrides = [
         f"model.mtp_depth={depth}",
         f"model.mtp_layout={layout}",
         f"model.n_layers={layers}",
+        f"model.d_model={width}",
+        f"model.mlp_dim={3 * width}",
+        f"model.head_dim={width // 4}",
         f"train.steps={steps}",
         f"train.eval_every={steps}",
         f"checkpoint.every={steps}",
@@ -117,10 +137,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", help="use this training run's newest checkpoint")
     ap.add_argument("--steps", type=int, default=300, help="training steps, 2-layer models")
-    ap.add_argument("--deep-layers", type=int, default=6, help="0: no deeper-trunk model")
-    ap.add_argument("--deep-steps", type=int, default=200, help="training steps, deeper model")
+    ap.add_argument("--big", default="384x16", help="E x layers of the big model; 'none': skip")
+    ap.add_argument("--big-steps", type=int, default=150, help="training steps, big model")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
@@ -128,18 +148,24 @@ def main() -> None:
     if args.workdir:
         config, params = mtp_jax.load_checkpoint(args.workdir)
         cfg = mtp_jax.ModelConfig.from_any(config.model)
-        models[f"{cfg.n_layers}-layer {cfg.mtp_layout}"] = (cfg, jax.device_get(params))
+        name = f"E={cfg.d_model} {cfg.n_layers}-layer {cfg.mtp_layout}"
+        models[name] = (cfg, jax.device_get(params))
         print(f"checkpoint {args.workdir}: {cfg}")
     else:
-        runs = [("sequential", 2, args.steps), ("parallel", 2, args.steps)]
-        if args.deep_layers:
-            runs.append(("sequential", args.deep_layers, args.deep_steps))
-        for layout, layers, steps in runs:
+        runs = [("sequential", 128, 2, args.steps), ("parallel", 128, 2, args.steps)]
+        if args.big != "none":
+            try:
+                width, layers = (int(v) for v in args.big.lower().split("x"))
+            except ValueError:
+                ap.error(f"--big {args.big!r}: expected WIDTHxLAYERS, e.g. 384x16, or 'none'")
+            runs.append(("sequential", width, layers, args.big_steps))
+        for layout, width, layers, steps in runs:
             t0 = time.perf_counter()
-            cfg, params, metrics = train(smoke_config(layout, steps, layers=layers))
-            models[f"{layers}-layer {layout}"] = (cfg, params)
+            cfg, params, metrics = train(smoke_config(layout, steps, layers=layers, width=width))
+            name = f"E={width} {layers}-layer {layout}"
+            models[name] = (cfg, params)
             print(
-                f"trained {layers}-layer {layout} D=3 for {steps} steps: {losses(metrics)} "
+                f"trained {name} D=3 for {steps} steps: {losses(metrics)} "
                 f"({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
@@ -168,11 +194,15 @@ def main() -> None:
         f"\nbatch 1, {len(prompts)} code prompts x {n} new tokens, greedy, best of {r} runs, "
         f"{jax.devices()[0].platform} ({jax.device_count()} device, {os.cpu_count()} cores)\n"
     )
-    head = "| decoding | tokens/s | speedup | acceptance per position | tokens/step | identical |"
-    print(head + " load |")
-    print("|---|---:|---:|---|---:|---|---:|")
+    head = "| decoding | tokens/s | speedup | acceptance per position | tokens/step |"
+    print(head + " step cost | identical | load |")
+    print("|---|---:|---:|---|---:|---:|---|---:|")
     for name, tps, speed, acc, mean, same, load in rows:
-        print(f"| {name} | {tps:.0f} | {speed:.2f}x | {acc} | {mean:.2f} | {same} | {load:.1f} |")
+        cost = f"{mean / speed:.2f}x"  # one verify step, in plain decoding's per-token time
+        print(
+            f"| {name} | {tps:.0f} | {speed:.2f}x | {acc} | {mean:.2f} | {cost} | {same} "
+            f"| {load:.1f} |"
+        )
     for name, toks in plain_tokens.items():
         sample = bytes(int(t) for t in toks[0] if t < 256)
         print(
