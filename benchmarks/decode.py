@@ -153,7 +153,7 @@ def main() -> None:
         print(f"checkpoint {args.workdir}: {cfg}")
     else:
         runs = [("sequential", 128, 2, args.steps), ("parallel", 128, 2, args.steps)]
-        if args.big != "none":
+        if args.big.lower() != "none":
             try:
                 width, layers = (int(v) for v in args.big.lower().split("x"))
             except ValueError:

@@ -15,31 +15,20 @@ is exact. Prints a markdown table with that upper bound next to each ratio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import pathlib
 
 import jax
 import numpy as np
+from decode import sliced, smoke_config  # benchmarks/decode.py, next to this script
 
 import mtp_jax
 from mtp_jax.hostenv import reexec_with_tuned_malloc
 from mtp_jax.inference import generate, speculative_generate
 
-SMOKE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
-
 
 def model_and_params(width: int, layers: int, depth: int, prompt: int):
-    cfg = mtp_jax.load_config(
-        str(SMOKE),
-        [
-            f"model.d_model={width}",
-            f"model.n_layers={layers}",
-            f"model.mlp_dim={3 * width}",
-            f"model.head_dim={width // 4}",
-            f"model.mtp_depth={depth}",
-        ],
-    )
+    """A random-init sequential byte model (`decode.smoke_config` at this width and depth)."""
+    cfg = smoke_config("sequential", steps=1, depth=depth, layers=layers, width=width)
     model = mtp_jax.Model(cfg.model)
     params = model.init(jax.random.key(0), np.zeros((1, prompt + depth), np.int32))["params"]
     return model, params
@@ -74,11 +63,11 @@ def main() -> None:
         model, params = model_and_params(width, layers, max(depths), prompt_len)
         call = (model, params, prompt, np.array([prompt_len]))
         plain = fastest(generate, call, n, args.repeats).stats["seconds"] / n * 1e6
+        cfg = mtp_jax.ModelConfig.from_any(model.config)
         for depth in depths:
-            cfg = mtp_jax.ModelConfig.from_any(model.config)
-            sliced = mtp_jax.Model(dataclasses.replace(cfg, mtp_depth=depth))
-            p = {**params, "mtp": jax.tree.map(lambda x, d=depth: x[:d], params["mtp"])}
-            res = fastest(speculative_generate, (sliced, p, *call[2:]), n, args.repeats)
+            res = fastest(
+                speculative_generate, (*sliced(cfg, params, depth), *call[2:]), n, args.repeats
+            )
             step = res.stats["seconds"] / res.stats["steps"] * 1e6
             print(
                 f"| E={width}, {layers} layers | {plain:.0f} | {depth} | {step:.0f} | "
