@@ -1,13 +1,14 @@
 """Decode speed: plain vs self-speculative greedy decoding, D = 1, 2, 3 and parallel heads.
 
-    python benchmarks/decode.py                      # trains three byte models first (~8 min)
+    python benchmarks/decode.py                      # trains three byte models first (~13 min)
     python benchmarks/decode.py --workdir runs/smoke # or uses a training run's checkpoint
 
 Without --workdir it trains, with the real training loop (`mtp_jax.train.train`) on the smoke
 config's data store (the Python stdlib, byte-level, vocab 259), three models with D=3 MTP
 depths: the smoke model (E=128, 2 layers) with sequential depths, the same with parallel
 heads, and a --big E x layers model (default 384x16, MLP 3E, 4 heads, sequential depths,
---big-steps steps; about 4 of the 8 minutes on 2 CPU cores).
+--big-steps 300 steps at peak LR --big-lr 1e-3: about 11 of the 13 minutes on 2 CPU cores; the
+smoke config's 3e-3 trains this deeper trunk worse, loss/depth_0 1.99 against 1.83).
 
 Why two sizes: a speculative step costs one trunk forward over D+1 positions plus D depth
 blocks, and emits up to D+1 tokens. It pays when that forward costs little more than a
@@ -26,12 +27,15 @@ the latency setting speculative decoding is for), greedily, for --max-new-tokens
 a markdown table: tokens/s (best of --repeats runs per prompt), speedup over plain decoding of
 the same trunk, acceptance per draft position, tokens per verify step, the cost of one
 speculative step in plain-token times (tokens per step / speedup), whether the tokens equal
-plain greedy's, and the 1-minute load average; then one prompt's continuation per model.
-Tokens/s count the whole call, prefill included (with speculation, 128 tokens take ~35 verify
-steps, so the prefill weighs ~4x more than in plain decoding), and the step cost is derived
-from them, prefill included. Briefly trained byte models fall into repetitive greedy
-continuations, so acceptance is high and depends on training (--big-steps): read the speedup
-together with the step cost.
+plain greedy's, and the 1-minute load average. Tokens/s count the whole call, prefill included
+(with speculation, 128 tokens take ~40 verify steps, so the prefill weighs ~3x more than in
+plain decoding), and the step cost is derived from them, prefill included.
+
+Then, per model, each prompt's speedup at D=3 next to its greedy continuation. Briefly trained
+byte models fall into repetitive greedy continuations (runs of spaces, underscores, repeated
+words), which the drafts predict well: acceptance, and with it the speedup, depends on the
+prompt and on training (--big-steps, --big-lr), so read the speedup together with the step
+cost and the continuations.
 """
 
 from __future__ import annotations
@@ -54,9 +58,17 @@ from mtp_jax.inference import generate, speculative_generate
 SMOKE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
 
-def smoke_config(layout: str, steps: int, depth: int = 3, layers: int = 2, width: int = 128):
+def smoke_config(
+    layout: str,
+    steps: int,
+    depth: int = 3,
+    layers: int = 2,
+    width: int = 128,
+    lr: float | None = None,
+):
     """configs/smoke.py (byte model) with `depth` MTP depths of `layout` and an E=`width`,
-    `layers`-layer trunk (MLP 3E, 4 heads of E/4: the smoke model at width 128)."""
+    `layers`-layer trunk (MLP 3E, 4 heads of E/4: the smoke model at width 128); `lr` replaces
+    the smoke config's peak learning rate."""
     overrides = [
         f"model.mtp_depth={depth}",
         f"model.mtp_layout={layout}",
@@ -67,7 +79,7 @@ def smoke_config(layout: str, steps: int, depth: int = 3, layers: int = 2, width
         f"train.steps={steps}",
         f"train.eval_every={steps}",
         f"checkpoint.every={steps}",
-    ]
+    ] + ([f"train.lr={lr}"] if lr is not None else [])
     return mtp_jax.load_config(str(SMOKE), overrides)
 
 
@@ -79,13 +91,13 @@ def stdlib_files() -> list[pathlib.Path]:
 def train(config):
     """Trains `config` with the real loop in a scratch workdir.
 
-    Returns (ModelConfig, params, final train metrics)."""
+    Returns (ModelConfig, params (on the device), final train metrics)."""
     from mtp_jax.train.loop import train as train_loop
 
     with tempfile.TemporaryDirectory() as workdir:
         result = train_loop(config, workdir, progress=False)
         config, params = mtp_jax.load_checkpoint(workdir)
-    return mtp_jax.ModelConfig.from_any(config.model), jax.device_get(params), result.metrics
+    return mtp_jax.ModelConfig.from_any(config.model), params, result.metrics
 
 
 def losses(metrics: dict) -> str:
@@ -138,7 +150,10 @@ def main() -> None:
     ap.add_argument("--workdir", help="use this training run's newest checkpoint")
     ap.add_argument("--steps", type=int, default=300, help="training steps, 2-layer models")
     ap.add_argument("--big", default="384x16", help="E x layers of the big model; 'none': skip")
-    ap.add_argument("--big-steps", type=int, default=150, help="training steps, big model")
+    ap.add_argument("--big-steps", type=int, default=300, help="training steps, big model")
+    ap.add_argument(
+        "--big-lr", type=float, default=1e-3, help="peak LR, big model (smoke config: 3e-3)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
@@ -149,23 +164,25 @@ def main() -> None:
         config, params = mtp_jax.load_checkpoint(args.workdir)
         cfg = mtp_jax.ModelConfig.from_any(config.model)
         name = f"E={cfg.d_model} {cfg.n_layers}-layer {cfg.mtp_layout}"
-        models[name] = (cfg, jax.device_get(params))
+        models[name] = (cfg, params)
         print(f"checkpoint {args.workdir}: {cfg}")
     else:
-        runs = [("sequential", 128, 2, args.steps), ("parallel", 128, 2, args.steps)]
+        runs = [("sequential", 128, 2, args.steps, None), ("parallel", 128, 2, args.steps, None)]
         if args.big.lower() != "none":
             try:
                 width, layers = (int(v) for v in args.big.lower().split("x"))
             except ValueError:
                 ap.error(f"--big {args.big!r}: expected WIDTHxLAYERS, e.g. 384x16, or 'none'")
-            runs.append(("sequential", width, layers, args.big_steps))
-        for layout, width, layers, steps in runs:
+            runs.append(("sequential", width, layers, args.big_steps, args.big_lr))
+        for layout, width, layers, steps, lr in runs:
             t0 = time.perf_counter()
-            cfg, params, metrics = train(smoke_config(layout, steps, layers=layers, width=width))
+            config = smoke_config(layout, steps, layers=layers, width=width, lr=lr)
+            cfg, params, metrics = train(config)
             name = f"E={width} {layers}-layer {layout}"
             models[name] = (cfg, params)
             print(
-                f"trained {name} D=3 for {steps} steps: {losses(metrics)} "
+                f"trained {name} D=3 for {steps} steps at peak LR {config.train.lr:g}: "
+                f"{losses(metrics)} "
                 f"({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
@@ -173,11 +190,10 @@ def main() -> None:
     prompts = code_prompts(stdlib_files()[::10], args.prompts)
     n, r = args.max_new_tokens, args.repeats
     rows = []
-    plain_tokens = {}
+    per_prompt = {}  # name -> (plain tokens, plain stats, deepest depth's stats)
     for name, (cfg, params) in models.items():
         load = os.getloadavg()[0]
-        base, base_tps, _ = timed(generate, mtp_jax.Model(cfg), params, prompts, n, r)
-        plain_tokens[name] = base
+        base, base_tps, base_stats = timed(generate, mtp_jax.Model(cfg), params, prompts, n, r)
         rows.append((f"plain, {name} trunk", base_tps, 1.0, "-", 1.0, "-", load))
         for depth in range(1, cfg.mtp_depth + 1):
             load = os.getloadavg()[0]
@@ -189,6 +205,7 @@ def main() -> None:
             rows.append(
                 (f"speculative {name} D={depth}", tps, tps / base_tps, acc, mean, same, load)
             )
+        per_prompt[name] = (base, base_stats, stats)
 
     print(
         f"\nbatch 1, {len(prompts)} code prompts x {n} new tokens, greedy, best of {r} runs, "
@@ -203,13 +220,18 @@ def main() -> None:
             f"| {name} | {tps:.0f} | {speed:.2f}x | {acc} | {mean:.2f} | {cost} | {same} "
             f"| {load:.1f} |"
         )
-    for name, toks in plain_tokens.items():
-        sample = bytes(int(t) for t in toks[0] if t < 256)
-        print(
-            f"\n{name}, prompt 0 + greedy continuation:\n"
-            + prompts[0].decode()
-            + sample.decode("utf-8", "replace")
-        )
+    for name, (toks, base_stats, stats) in per_prompt.items():
+        # What the speedup rests on: acceptance follows how predictable each continuation is.
+        print(f"\n{name}, D={len(stats[0]['acceptance'])}, per prompt:\n")
+        print("| prompt | speedup | tokens/step | prompt end + greedy continuation |")
+        print("|---:|---:|---:|---|")
+        for i, (prompt, row, b, sp) in enumerate(zip(prompts, toks, base_stats, stats)):
+            text = prompt[-16:] + bytes(int(t) for t in row if t < 256)
+            shown = (
+                repr(text.decode("utf-8", "replace"))[1:81].replace("|", "\\|").replace("`", "'")
+            )
+            speed = b["seconds"] / sp["seconds"]
+            print(f"| {i} | {speed:.2f}x | {sp['mean_accepted']:.2f} | `{shown}` |")
 
 
 if __name__ == "__main__":
