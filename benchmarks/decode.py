@@ -1,13 +1,13 @@
 """Decode speed: plain vs self-speculative greedy decoding, D = 1, 2, 3 and parallel heads.
 
-    python benchmarks/decode.py                      # trains three byte models first (~13 min)
+    python benchmarks/decode.py                      # trains three byte models first (~17 min)
     python benchmarks/decode.py --workdir runs/smoke # or uses a training run's checkpoint
 
 Without --workdir it trains, with the real training loop (`mtp_jax.train.train`) on the smoke
 config's data store (the Python stdlib, byte-level, vocab 259), three models with D=3 MTP
 depths: the smoke model (E=128, 2 layers) with sequential depths, the same with parallel
 heads, and a --big E x layers model (default 384x16, MLP 3E, 4 heads, sequential depths,
---big-steps 300 steps at peak LR --big-lr 1e-3: about 11 of the 13 minutes on 2 CPU cores; the
+--big-steps 300 steps at peak LR --big-lr 1e-3: about 9 of the 17 minutes on 2 CPU cores; the
 smoke config's 3e-3 trains this deeper trunk worse, loss/depth_0 1.99 against 1.83).
 
 Why two sizes: a speculative step costs one trunk forward over D+1 positions plus D depth
