@@ -264,6 +264,17 @@ def test_smoke_config_trains_and_logs_every_depth(code_store, tmp_path, capsys, 
     assert len(out["acceptance"]) == 2
     assert out["tokens_per_sec"] > 0 and out["mean_accepted"] >= 1
 
+    # The context is data.seq_len = 128 tokens: a longer prompt is refused, one that leaves too
+    # little room for the new tokens is decoded with a warning.
+    assert generate_main(["--workdir", workdir, "--prompt", "x" * 129]) == 2
+    err = capsys.readouterr().err
+    assert "129 tokens, more than the model's context of 128" in err and "Traceback" not in err
+    code = generate_main(["--workdir", workdir, "--prompt", "x" * 120, "--max-new-tokens", "9"])
+    assert code == 0
+    assert "120 tokens + --max-new-tokens 9 run past the model's context of 128" in (
+        capsys.readouterr().err
+    )
+
 
 @pytest.mark.parametrize(
     "override, pattern",

@@ -6,7 +6,9 @@
 Decoding is self-speculative (the MTP depths draft, the trunk verifies) unless the model has
 no MTP depths or `--no-speculative` is given; greedy output is identical either way.
 Errors a user can fix (no workdir, no checkpoint, a prompt longer than the training context)
-print one line and exit with status 2.
+print one line and exit with status 2. A prompt that fits but leaves too little room for
+--max-new-tokens only warns: the tokens past the training context come from positions the
+model never trained on.
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(ids) > context:
         raise UsageError(
             f"the prompt has {len(ids)} tokens, more than the model's context of {context}"
+        )
+    if len(ids) + args.max_new_tokens > context:
+        print(
+            f"{PROG}: warning: the prompt's {len(ids)} tokens + --max-new-tokens "
+            f"{args.max_new_tokens} run past the model's context of {context}; tokens past "
+            "it come from positions the model never trained on",
+            file=sys.stderr,
         )
     speculative = bool(config.model.mtp_depth) and not args.no_speculative
     fn = speculative_generate if speculative else generate
