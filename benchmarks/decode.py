@@ -31,11 +31,11 @@ plain greedy's, and the 1-minute load average. Tokens/s count the whole call, pr
 (with speculation, 128 tokens take ~40 verify steps, so the prefill weighs ~3x more than in
 plain decoding), and the step cost is derived from them, prefill included.
 
-Then, per model, each prompt's speedup at D=3 next to its greedy continuation. Briefly trained
-byte models fall into repetitive greedy continuations (runs of spaces, underscores, repeated
-words), which the drafts predict well: acceptance, and with it the speedup, depends on the
-prompt and on training (--big-steps, --big-lr), so read the speedup together with the step
-cost and the continuations.
+Then, per model, each prompt's speedup at the deepest D (3 for the models trained here) next
+to its greedy continuation. Briefly trained byte models fall into repetitive greedy
+continuations (runs of spaces, underscores, repeated words), which the drafts predict well:
+acceptance, and with it the speedup, depends on the prompt and on training (--big-steps,
+--big-lr), so read the speedup together with the step cost and the continuations.
 """
 
 from __future__ import annotations
