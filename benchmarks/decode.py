@@ -205,7 +205,8 @@ def main() -> None:
             rows.append(
                 (f"speculative {name} D={depth}", tps, tps / base_tps, acc, mean, same, load)
             )
-        per_prompt[name] = (base, base_stats, stats)
+        if cfg.mtp_depth:  # a checkpoint without MTP depths has no speculative rows
+            per_prompt[name] = (base, base_stats, stats)
 
     print(
         f"\nbatch 1, {len(prompts)} code prompts x {n} new tokens, greedy, best of {r} runs, "

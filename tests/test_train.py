@@ -255,7 +255,9 @@ def test_smoke_config_trains_and_logs_every_depth(code_store, tmp_path, capsys, 
         ["--workdir", workdir, "--prompt", "def ", "--max-new-tokens", "12", "--json"]
     )
     assert code == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err  # 4 + 12 tokens fit the context of 128
+    out = json.loads(captured.out.strip().splitlines()[-1])
     assert 0 < len(out["new_tokens"]) <= 12
     assert out["tokens"] == [100, 101, 102, 32] + out["new_tokens"]  # "def " + new
     from mtp_jax.data import ByteTokenizer
