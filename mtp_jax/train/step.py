@@ -70,23 +70,36 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
             rest = jax.tree.map(lambda x: x[1:], micro)
             (loss, sums, grads), _ = jax.lax.scan(accumulate, first, rest)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state, norms = apply_gradients(tx, state, grads)
         metrics = {
             "loss": loss,
             "loss_sum": sums.loss,
             "correct": sums.correct,
             "count": sums.count,
-            "grad_norm": optax.tree.norm(grads),
-            "update_norm": optax.tree.norm(updates),
-            "param_norm": optax.tree.norm(params),
+            **norms,
             "lr": lr_at(state.step),
             "lambdas": lambdas,
         }
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step
+
+
+def apply_gradients(
+    tx: optax.GradientTransformation, state: TrainState, grads: Any
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optimizer step: (state with updated params, opt_state and step + 1, norms).
+
+    norms: grad_norm, update_norm and param_norm (global L2 norms, of the new params).
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    norms = {
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), norms
 
 
 def make_eval_step(config: Any, model: Model):
