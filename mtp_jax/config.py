@@ -53,6 +53,7 @@ def base_config() -> ConfigDict:
     m.tie_embeddings = True  # output head = embedding transposed (else a separate matrix)
     m.remat_policy = "none"  # activation checkpointing per block: none | full | dots | ...
     m.scan_layers = True  # stack trunk blocks with nn.scan (fast compiles); False = unrolled
+    m.scan_unroll = 0  # layers (and MTP depths) per scan loop trip; 0 = auto: all on CPU, else 1
     m.init_std = 0.02  # stddev of the normal initialiser of weight matrices
     m.attention_impl = "auto"  # attention kernel: auto (cuDNN on GPUs when possible) | xla | cudnn
 
@@ -326,6 +327,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "model.tie_embeddings": _bool(),
     "model.remat_policy": _choice(REMAT_POLICIES),
     "model.scan_layers": _bool(),
+    "model.scan_unroll": _int(0),
     "model.init_std": _float(0, open_lo=True),
     "model.attention_impl": _choice(ATTENTION_IMPLS),
     "loss.mtp_lambda": _float(0),

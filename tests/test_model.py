@@ -1,5 +1,7 @@
 """The MTP contract: shapes, causality of every depth, scan == unrolled, shared weights, FLOPs."""
 
+from unittest import mock
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,9 +75,12 @@ def _unrolled_features(cfg, params, tokens):
     return jnp.stack(outs)
 
 
-@pytest.mark.parametrize("remat_policy", ["none", "full"])
-def test_scan_equals_unrolled_chain(remat_policy):
-    cfg = tiny_model_config(mtp_depth=3, remat_policy=remat_policy)
+@pytest.mark.parametrize(
+    "remat_policy, scan_unroll", [("none", 1), ("full", 1), ("none", 0), ("full", 2)]
+)
+def test_scan_equals_unrolled_chain(remat_policy, scan_unroll):
+    """The depth scan (a loop with scan_unroll=1; partly or wholly unrolled otherwise)."""
+    cfg = tiny_model_config(mtp_depth=3, remat_policy=remat_policy, scan_unroll=scan_unroll)
     model, params, tokens = _init(cfg, seq=8)
     weights = jax.random.normal(jax.random.key(7), (4, 2, 8, cfg.d_model))
 
@@ -97,8 +102,9 @@ def test_scan_equals_unrolled_chain(remat_policy):
     assert all(float(jnp.abs(mtp_grads[k]).sum()) > 0 for k in range(3))
 
 
-def test_scanned_trunk_equals_unrolled_trunk():
-    cfg = tiny_model_config(mtp_depth=1, n_layers=3)
+@pytest.mark.parametrize("scan_unroll", [1, 0])
+def test_scanned_trunk_equals_unrolled_trunk(scan_unroll):
+    cfg = tiny_model_config(mtp_depth=1, n_layers=3, scan_unroll=scan_unroll)
     model, params, tokens = _init(cfg, seq=8)
     unrolled_cfg = tiny_model_config(mtp_depth=1, n_layers=3, scan_layers=False)
     stacked = params["trunk"]["layers"]["block"]
@@ -110,6 +116,26 @@ def test_scanned_trunk_equals_unrolled_trunk():
     b = mtp_jax.Model(unrolled_cfg).apply({"params": unrolled}, tokens).logits
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert not np.allclose(a[0], a[1])  # depths differ: the comparison is not vacuous
+
+
+def test_scan_unroll_auto_unrolls_on_cpu_only():
+    """model.scan_unroll=0 unrolls the layer and depth scans on CPU (no loops in the lowered
+    forward) and keeps one iteration per loop trip on other backends; n > 0 is taken as given."""
+    from mtp_jax.model.layers import scan_unroll
+
+    def loops(**overrides):
+        model, params, tokens = _init(tiny_model_config(n_layers=3, **overrides), seq=8)
+        return jax.jit(model.apply).lower({"params": params}, tokens).as_text().count("while")
+
+    assert jax.default_backend() == "cpu"
+    assert loops(scan_unroll=0) == 0
+    assert loops(scan_unroll=1) == 2  # the trunk's layers and the MTP depths
+    assert loops(scan_unroll=2) == 1  # 3 layers: a loop trip of 2 and 1 left; 2 depths: none
+    cfg = tiny_model_config(n_layers=3)
+    assert scan_unroll(cfg, 3) == 3
+    assert scan_unroll(tiny_model_config(scan_unroll=5), 3) == 3
+    with mock.patch.object(jax, "default_backend", return_value="tpu"):
+        assert scan_unroll(cfg, 3) == 1
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -45,6 +45,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     remat_policy: str = "none"
     scan_layers: bool = True
+    scan_unroll: int = 0
     init_std: float = 0.02
     attention_impl: str = "auto"
 
@@ -76,6 +77,26 @@ class KVCache(NamedTuple):
 def _init(cfg: ModelConfig, names: tuple[str | None, ...], fan_in_scale: bool = False):
     init = nn.initializers.normal(cfg.init_std)
     return nn.with_logical_partitioning(init, names)
+
+
+def scan_unroll(cfg: ModelConfig, length: int) -> int:
+    """Iterations per loop trip of the `nn.scan` over `length` layers or depths.
+
+    `model.scan_unroll` > 0 is taken as given (capped at `length`). 0 (auto) unrolls the whole
+    scan when compiling for CPUs and keeps one iteration per trip elsewhere; the platform is
+    the current mesh's (`jax.set_mesh`: an AOT compile for a TPU slice on a CPU host counts
+    as TPU), else the default backend's. On XLA:CPU, a scan's backward
+    slices each layer's saved activations out of the stacked [length, ...] buffer, and XLA
+    fuses that dynamic slice into the weight gradient's transposed copy, which then runs as a
+    slow element loop (a [2048, 1024] copy: 6 ms instead of 0.3). Unrolled, the slices are
+    static and the copies fast: the train benchmark's step is 7-10% faster. On TPUs and
+    GPUs, one layer per trip keeps compile times flat in depth.
+    """
+    if cfg.scan_unroll:
+        return min(cfg.scan_unroll, length)
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return length if platform == "cpu" else 1
 
 
 def remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()):

@@ -26,6 +26,7 @@ from mtp_jax.model.layers import (
     _init,
     dense_dot_general,
     remat,
+    scan_unroll,
 )
 
 Array = jax.Array
@@ -93,6 +94,7 @@ def _depth_scan(module_cls: type[nn.Module], cfg: ModelConfig, in_axes: tuple):
         in_axes=in_axes,
         out_axes=0,
         length=cfg.mtp_depth,
+        unroll=scan_unroll(cfg, cfg.mtp_depth),
         metadata_params={nn.PARTITION_NAME: "depth"},
     )
 

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import Block, KVCache, ModelConfig, ScanBlock, remat
+from mtp_jax.model.layers import Block, KVCache, ModelConfig, ScanBlock, remat, scan_unroll
 
 Array = jax.Array
 
@@ -67,6 +67,7 @@ class Trunk(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
+                unroll=scan_unroll(cfg, cfg.n_layers),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             return stack(cfg, name="layers")(x, positions, segment_ids, cache)
