@@ -124,8 +124,10 @@ def test_scan_unroll_auto_unrolls_on_cpu_only():
     from mtp_jax.model.layers import scan_unroll
 
     def loops(**overrides):
-        model, params, tokens = _init(tiny_model_config(n_layers=3, **overrides), seq=8)
-        return jax.jit(model.apply).lower({"params": params}, tokens).as_text().count("while")
+        model = mtp_jax.Model(tiny_model_config(n_layers=3, **overrides))
+        tokens = jnp.zeros((1, 8 + 2), jnp.int32)
+        variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+        return jax.jit(model.apply).lower(variables, tokens).as_text().count("while")
 
     assert jax.default_backend() == "cpu"
     assert loops(scan_unroll=0) == 0
