@@ -85,12 +85,14 @@ def scan_unroll(cfg: ModelConfig, length: int) -> int:
     `model.scan_unroll` > 0 is taken as given (capped at `length`). 0 (auto) unrolls the whole
     scan when compiling for CPUs and keeps one iteration per trip elsewhere; the platform is
     the current mesh's (`jax.set_mesh`: an AOT compile for a TPU slice on a CPU host counts
-    as TPU), else the default backend's. On XLA:CPU, a scan's backward
-    slices each layer's saved activations out of the stacked [length, ...] buffer, and XLA
-    fuses that dynamic slice into the weight gradient's transposed copy, which then runs as a
-    slow element loop (a [2048, 1024] copy: 6 ms instead of 0.3). Unrolled, the slices are
-    static and the copies fast: the train benchmark's step is 7-10% faster. On TPUs and
-    GPUs, one layer per trip keeps compile times flat in depth.
+    as TPU), else the default backend's.
+
+    On XLA:CPU, a scan's backward pass slices each layer's saved activations out of the
+    stacked [length, ...] buffer, and XLA fuses that dynamic slice into the weight gradient's
+    transposed copy, which then runs as a slow element loop (a [2048, 1024] copy: 6 ms
+    instead of 0.3). Unrolled, the slices are static and the copies fast: the train
+    benchmark's step is 4-10% faster. On TPUs and GPUs, one layer per trip keeps compile
+    times flat in depth.
     """
     if cfg.scan_unroll:
         return min(cfg.scan_unroll, length)
