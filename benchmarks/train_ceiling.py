@@ -78,6 +78,13 @@ def _dense(part: str, rows: int, fan_in: int, fan_out: int, count: int) -> list[
     ]
 
 
+def loss_chunks(config) -> tuple[int, int]:
+    """(sequence positions per loss chunk c, loss chunks per step over all D + 1 depths)."""
+    s = config.data.seq_len
+    chunk = config.loss.chunk_size if 0 < config.loss.chunk_size < s else s
+    return chunk, (config.model.mtp_depth + 1) * (s // chunk)
+
+
 def step_dots(config) -> list[Dot]:
     """Every matmul of one train step of `config`, grouped by model part."""
     cfg = ModelConfig.from_any(config.model)
@@ -94,8 +101,7 @@ def step_dots(config) -> list[Dot]:
     )
     if cfg.mtp_depth and cfg.mtp_layout == "sequential":
         dots += _dense("MTP projection 2E->E", rows, 2 * e, e, cfg.mtp_depth)
-    chunk = config.loss.chunk_size if 0 < config.loss.chunk_size < s else s
-    chunks = (cfg.mtp_depth + 1) * (s // chunk)
+    chunk, chunks = loss_chunks(config)
     dots += _dense("output head (per loss chunk)", b * chunk, e, cfg.vocab_size, chunks)
     return dots
 
@@ -140,13 +146,8 @@ def time_dot(dot: Dot, repeats: int) -> float:
         elif dot.form == "dx":  # dy [m, k] @ w.T with w [n, k]
             fn, args = (lambda dy, w: jnp.dot(dy, w.T)), (_normal(rng, m, k), _normal(rng, n, k))
         elif dot.form == "dW":  # transposed(x) with x [k, m], then @ dy [k, n]
-            fn, args = (
-                (lambda x, dy: jnp.dot(transposed(x), dy)),
-                (
-                    _normal(rng, k, m),
-                    _normal(rng, k, n),
-                ),
-            )
+            fn = lambda x, dy: jnp.dot(transposed(x), dy)  # noqa: E731
+            args = (_normal(rng, k, m), _normal(rng, k, n))
         else:  # attention: q, k, v and d out [B, S, N, H]
             args = tuple(_normal(rng, m, k, dot.heads, n) for _ in range(4))
             fn = _attention_products
@@ -161,8 +162,8 @@ def loss_passes_time(config, repeats: int) -> tuple[float, int]:
     minus its three matmuls timed alone.
     """
     cfg = ModelConfig.from_any(config.model)
-    b, s = config.data.batch_size, config.data.seq_len
-    chunk = config.loss.chunk_size if 0 < config.loss.chunk_size < s else s
+    b = config.data.batch_size
+    chunk, chunks = loss_chunks(config)
     rng = np.random.default_rng(0)
     hidden = _normal(rng, b, chunk, cfg.d_model)
     head = _normal(rng, cfg.d_model, cfg.vocab_size, scale=cfg.init_std)
@@ -171,7 +172,7 @@ def loss_passes_time(config, repeats: int) -> tuple[float, int]:
     fused = jax.jit(lambda h, w, t, m: _fused_chunk(h, w, t, m, jnp.float32(1.0), True, False))
     whole = best_time(fused, hidden, head, targets, mask, repeats=repeats)
     dots = _dense("", b * chunk, cfg.d_model, cfg.vocab_size, 1)
-    return whole - sum(time_dot(d, repeats) for d in dots), (cfg.mtp_depth + 1) * (s // chunk)
+    return whole - sum(time_dot(d, repeats) for d in dots), chunks
 
 
 def optimizer_time(config, repeats: int) -> float:
