@@ -6,8 +6,10 @@ The public API (what notebooks and tools use), re-exported here:
     model = mtp_jax.Model(cfg.model)                  # a flax.linen Module
     variables = model.init(jax.random.key(0), tokens) # tokens: int32 [B, S+D]
     out = model.apply(variables, tokens)              # out.logits: [D+1, B, S, V]
-    config, params = mtp_jax.load_checkpoint("runs/smoke")
+    config, params = mtp_jax.load_checkpoint("runs/smoke")      # parameters only, one device
+    params = mtp_jax.load_params("runs/big", mesh=mesh)         # ... or sharded over a mesh
     result = mtp_jax.speculative_generate(model, params, prompts, lengths, max_new_tokens=64)
+    dec = model.decoder()      # prefill / cached trunk and depth steps (mtp_jax.model.decoding)
     records = mtp_jax.read_metrics("runs/smoke")      # metrics.jsonl, one dict per step
 
 Axis names used in shapes throughout the package:
@@ -35,14 +37,18 @@ _EXPORTS = {
     "Model": "mtp_jax.model",
     "ModelConfig": "mtp_jax.model",
     "ModelOutput": "mtp_jax.model",
+    "Decoder": "mtp_jax.model",
     "init_cache": "mtp_jax.model",
     "model_flops": "mtp_jax.model",
     "param_count": "mtp_jax.model",
-    "loss_and_metrics": "mtp_jax.loss",
+    "WindowSpec": "mtp_jax.window",
+    "weighted_cross_entropy": "mtp_jax.loss",
     "mtp_targets": "mtp_jax.loss",
     "draft_agreement": "mtp_jax.loss",
+    "loss_and_metrics": "mtp_jax.train.step",
     "get_tokenizer": "mtp_jax.data",
     "load_checkpoint": "mtp_jax.train.checkpoint",
+    "load_params": "mtp_jax.train.checkpoint",
     "read_metrics": "mtp_jax.train.metrics",
     "train": "mtp_jax.train.loop",
     "generate": "mtp_jax.inference",

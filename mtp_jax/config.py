@@ -12,23 +12,31 @@ import ast
 import difflib
 import importlib.util
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ml_collections
 
+from mtp_jax.checks import (
+    Check,
+    ConfigError,
+    boolean,
+    choice,
+    fail,
+    integer,
+    mesh_axis,
+    number,
+    string,
+    weights,
+)
+from mtp_jax.model.config import ModelConfig
+
 ConfigDict = ml_collections.ConfigDict
 
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MTP_LAYOUTS = ("sequential", "parallel")
 SCHEDULES = ("cosine", "wsd", "constant")
 DATA_SOURCES = ("store", "synthetic")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
-
-class ConfigError(ValueError):
-    """A config key has an unknown name or an unacceptable value."""
+__all__ = ["ConfigDict", "ConfigError", "base_config", "load_config", "validate"]
 
 
 def base_config() -> ConfigDict:
@@ -36,26 +44,8 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0  # PRNG seed: parameter init, data order
 
-    m = c.model = ConfigDict()
-    m.vocab_size = 259  # rows of the embedding; >= the tokenizer's vocab (padding allowed)
-    m.d_model = 128  # E, the residual width
-    m.n_layers = 2  # trunk transformer blocks (scanned)
-    m.n_heads = 4  # query heads N
-    m.n_kv_heads = 2  # key/value heads K (GQA); must divide n_heads
-    m.head_dim = 32  # H, width of each head
-    m.mlp_dim = 384  # F, hidden width of the SwiGLU MLP
-    m.mtp_depth = 2  # D, MTP depths beyond the next-token head (0 = plain next-token model)
-    m.mtp_layout = "sequential"  # 'sequential' (DeepSeek-V3 chain) or 'parallel' (Meta heads)
-    m.dtype = "float32"  # compute dtype of activations and matmuls
-    m.param_dtype = "float32"  # storage dtype of parameters
-    m.rope_theta = 10_000.0  # RoPE base frequency
-    m.norm_eps = 1e-6  # RMSNorm epsilon
-    m.tie_embeddings = True  # output head = embedding transposed (else a separate matrix)
-    m.remat_policy = "none"  # activation checkpointing per block: none | full | dots | ...
-    m.scan_layers = True  # stack trunk blocks with nn.scan (fast compiles); False = unrolled
-    m.scan_unroll = 0  # layers (and MTP depths) per scan loop trip; 0 = auto: all on CPU, else 1
-    m.init_std = 0.02  # stddev of the normal initialiser of weight matrices
-    m.attention_impl = "auto"  # attention kernel: auto (cuDNN on GPUs when possible) | xla | cudnn
+    # model.*: declared once, with defaults, meanings and checks, in mtp_jax/model/config.py
+    c.model = ConfigDict(ModelConfig.defaults())
 
     lo = c.loss = ConfigDict()
     lo.mtp_lambda = 0.3  # weight lambda of every MTP depth's loss (L = L0 + sum_k lambda_k L^k)
@@ -105,6 +95,7 @@ def base_config() -> ConfigDict:
     ms.data = -1  # data-parallel axis size; -1 = the devices left over
     ms.fsdp = 1  # parameter-sharding (ZeRO-3) axis size
     ms.tensor = 1  # tensor-parallel axis size
+    ms.max_replicated_fraction = 0.1  # fsdp x tensor > 1: most param bytes every device holds
     return c
 
 
@@ -261,125 +252,50 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
 
 # ------------------------------------------------------------------------------ validation
 
-Check = Callable[[Any], bool]
-
-
-def _int(lo: int | None = None, hi: int | None = None) -> tuple[Check, str]:
-    def ok(v):
-        return (
-            isinstance(v, int)
-            and not isinstance(v, bool)
-            and (lo is None or v >= lo)
-            and (hi is None or v <= hi)
-        )
-
-    rng = f" >= {lo}" if hi is None else f" in [{lo}, {hi}]"
-    return ok, "an integer" + (rng if lo is not None else "")
-
-
-def _float(lo: float | None = None, hi: float | None = None, open_lo: bool = False):
-    def ok(v):
-        if not isinstance(v, int | float) or isinstance(v, bool):
-            return False
-        if lo is not None and (v <= lo if open_lo else v < lo):
-            return False
-        return hi is None or v <= hi
-
-    if lo is None:
-        return ok, "a number"
-    bound = f"> {lo}" if open_lo else f">= {lo}"
-    return ok, f"a number {bound}" + (f" and <= {hi}" if hi is not None else "")
-
-
-def _choice(options: Sequence[str]) -> tuple[Check, str]:
-    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
-
-
-def _bool() -> tuple[Check, str]:
-    return (lambda v: isinstance(v, bool)), "true or false"
-
-
-def _str() -> tuple[Check, str]:
-    return (lambda v: isinstance(v, str)), "a string"
-
-
-def _mesh_axis() -> tuple[Check, str]:
-    return (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1)
-    ), "a positive integer or -1 (the devices left over)"
-
-
-RULES: dict[str, tuple[Check, str]] = {
-    "seed": _int(0),
-    "model.vocab_size": _int(2),
-    "model.d_model": _int(1),
-    "model.n_layers": _int(1),
-    "model.n_heads": _int(1),
-    "model.n_kv_heads": _int(1),
-    "model.head_dim": _int(2),
-    "model.mlp_dim": _int(1),
-    "model.mtp_depth": _int(0, 16),
-    "model.mtp_layout": _choice(MTP_LAYOUTS),
-    "model.dtype": _choice(DTYPES),
-    "model.param_dtype": _choice(DTYPES),
-    "model.rope_theta": _float(0, open_lo=True),
-    "model.norm_eps": _float(0, open_lo=True),
-    "model.tie_embeddings": _bool(),
-    "model.remat_policy": _choice(REMAT_POLICIES),
-    "model.scan_layers": _bool(),
-    "model.scan_unroll": _int(0),
-    "model.init_std": _float(0, open_lo=True),
-    "model.attention_impl": _choice(ATTENTION_IMPLS),
-    "loss.mtp_lambda": _float(0),
-    "loss.mtp_lambda_per_depth": (
-        lambda v: (
-            isinstance(v, tuple)
-            and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in v)
-        ),
-        "a tuple of non-negative numbers, one per MTP depth (or empty)",
-    ),
-    "loss.mtp_lambda_final": _float(),
-    "loss.mtp_lambda_switch_step": _int(-1),
-    "loss.chunk_size": _int(0),
-    "data.source": _choice(DATA_SOURCES),
-    "data.path": _str(),
-    "data.corpus": _str(),
-    "data.text_field": _str(),
-    "data.tokenizer": _str(),
-    "data.val_fraction": _float(0, 0.5),
-    "data.seq_len": _int(1),
-    "data.batch_size": _int(1),
-    "data.shuffle": _bool(),
-    "data.worker_count": _int(0),
-    "data.prefetch": _int(0),
-    "train.steps": _int(1),
-    "train.lr": _float(0, open_lo=True),
-    "train.min_lr_ratio": _float(0, 1),
-    "train.warmup_steps": _int(0),
-    "train.schedule": _choice(SCHEDULES),
-    "train.decay_fraction": _float(0, 1, open_lo=True),
-    "train.weight_decay": _float(0),
-    "train.b1": _float(0, 1),
-    "train.b2": _float(0, 1),
-    "train.eps": _float(0, open_lo=True),
-    "train.grad_clip": _float(0),
-    "train.microbatches": _int(1),
-    "train.log_every": _int(1),
-    "train.eval_every": _int(0),
-    "train.eval_steps": _int(1),
-    "train.peak_flops": _float(0),
-    "checkpoint.every": _int(0),
-    "checkpoint.keep": _int(1),
-    "checkpoint.keep_every": _int(0),
-    "checkpoint.async_save": _bool(),
-    "mesh.data": _mesh_axis(),
-    "mesh.fsdp": _mesh_axis(),
-    "mesh.tensor": _mesh_axis(),
+RULES: dict[str, Check] = {
+    "seed": integer(0),
+    **{f"model.{n}": f.metadata["check"] for n, f in ModelConfig.declared().items()},
+    "loss.mtp_lambda": number(0),
+    "loss.mtp_lambda_per_depth": weights(),
+    "loss.mtp_lambda_final": number(),
+    "loss.mtp_lambda_switch_step": integer(-1),
+    "loss.chunk_size": integer(0),
+    "data.source": choice(DATA_SOURCES),
+    "data.path": string(),
+    "data.corpus": string(),
+    "data.text_field": string(),
+    "data.tokenizer": string(),
+    "data.val_fraction": number(0, 0.5),
+    "data.seq_len": integer(1),
+    "data.batch_size": integer(1),
+    "data.shuffle": boolean(),
+    "data.worker_count": integer(0),
+    "data.prefetch": integer(0),
+    "train.steps": integer(1),
+    "train.lr": number(0, open_lo=True),
+    "train.min_lr_ratio": number(0, 1),
+    "train.warmup_steps": integer(0),
+    "train.schedule": choice(SCHEDULES),
+    "train.decay_fraction": number(0, 1, open_lo=True),
+    "train.weight_decay": number(0),
+    "train.b1": number(0, 1),
+    "train.b2": number(0, 1),
+    "train.eps": number(0, open_lo=True),
+    "train.grad_clip": number(0),
+    "train.microbatches": integer(1),
+    "train.log_every": integer(1),
+    "train.eval_every": integer(0),
+    "train.eval_steps": integer(1),
+    "train.peak_flops": number(0),
+    "checkpoint.every": integer(0),
+    "checkpoint.keep": integer(1),
+    "checkpoint.keep_every": integer(0),
+    "checkpoint.async_save": boolean(),
+    "mesh.data": mesh_axis(),
+    "mesh.fsdp": mesh_axis(),
+    "mesh.tensor": mesh_axis(),
+    "mesh.max_replicated_fraction": number(0, 1),
 }
-
-
-def _fail(key: str, value: Any, accepted: str) -> None:
-    raise ConfigError(f"config key {key!r} has value {value!r}; accepted: {accepted}")
 
 
 def validate(config: ConfigDict) -> None:
@@ -391,37 +307,30 @@ def validate(config: ConfigDict) -> None:
             value = tuple(value)
         ok, accepted = RULES[key]
         if not ok(value):
-            _fail(key, value, accepted)
+            fail(key, value, accepted)
 
     m, lo, d, t = config.model, config.loss, config.data, config.train
-    if m.n_heads % m.n_kv_heads:
-        _fail(
-            "model.n_kv_heads",
-            m.n_kv_heads,
-            f"a divisor of model.n_heads={m.n_heads} (grouped-query attention)",
-        )
+    ModelConfig.validate(m.to_dict())
     if lo.mtp_lambda_per_depth and len(lo.mtp_lambda_per_depth) != m.mtp_depth:
-        _fail(
+        fail(
             "loss.mtp_lambda_per_depth",
             lo.mtp_lambda_per_depth,
             f"exactly model.mtp_depth={m.mtp_depth} weights, or an empty tuple",
         )
     if lo.chunk_size and d.seq_len % lo.chunk_size:
-        _fail(
+        fail(
             "loss.chunk_size",
             lo.chunk_size,
             f"0 or a divisor of data.seq_len={d.seq_len}",
         )
     if d.batch_size % t.microbatches:
-        _fail(
+        fail(
             "train.microbatches",
             t.microbatches,
             f"a divisor of data.batch_size={d.batch_size}",
         )
     if sum(v == -1 for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)) > 1:
-        _fail("mesh.fsdp", config.mesh.fsdp, "-1 on at most one of mesh.data/fsdp/tensor")
-    if m.head_dim % 2:
-        _fail("model.head_dim", m.head_dim, "an even number (rotary embedding pairs)")
+        fail("mesh.fsdp", config.mesh.fsdp, "-1 on at most one of mesh.data/fsdp/tensor")
 
 
 def mtp_lambdas(config: ConfigDict) -> tuple[float, ...]:

@@ -1,5 +1,8 @@
 """Per-depth targets and masks, chunked cross-entropy, and the MTP loss.
 
+The loss takes hidden states and the head matrix (`Model.features_and_head`) and runs no
+model: the train step runs the model, then `weighted_cross_entropy`.
+
 A training window `w` holds S + D + 1 tokens. The trunk reads w[0:S]; depth k's output at
 position i is scored against w[i + k + 1], so depth k's targets are w[k+1 : S+k+1] and every
 depth gets S targets. With packed documents, a target in a later document than position i
@@ -16,14 +19,13 @@ head-gradient accumulator across depths).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import ModelConfig, transposed
+from mtp_jax import xla_cpu
 
 Array = jax.Array
 
@@ -123,7 +125,7 @@ def _fused_chunk(
     dlogits = jnp.where(m[:, None], jnp.where(ids == t[:, None], probs - 1.0, probs), 0.0)
     dlogits = (dlogits * weight).astype(head.dtype)
     d_hidden = jnp.dot(dlogits, head.T, preferred_element_type=jnp.float32)
-    d_head = jnp.dot(transposed(rows), dlogits, preferred_element_type=jnp.float32)
+    d_head = xla_cpu.weight_grad(rows, dlogits)
     return out, (_constrain(d_hidden.astype(hidden.dtype).reshape(hidden.shape)), d_head)
 
 
@@ -291,36 +293,3 @@ def draft_agreement(pred: Array, mask: Array) -> tuple[Array, Array]:
     if not depth:
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
     return jnp.stack(agree).astype(jnp.float32), jnp.stack(count).astype(jnp.float32)
-
-
-def loss_and_metrics(
-    model: Any,
-    params: Any,
-    batch: dict[str, Array],
-    lambdas: Array,
-    chunk_size: int = 0,
-    counts: Array | None = None,
-    with_pred: bool = True,
-) -> tuple[Array, tuple[DepthSums, Array | None, Array]]:
-    """The training objective of one batch.
-
-    batch: {'tokens': [B, S+D+1] int32, 'segment_ids': [B, S+D+1] int32 (optional)}.
-    Returns (loss, (sums, predictions [D+1, B, S] (None without `with_pred`),
-    mask [D+1, B, S])). `counts` [D+1] overrides the loss denominators (see `weighted_loss`).
-    """
-    depth = ModelConfig.from_any(model.config).mtp_depth
-    tokens = batch["tokens"]
-    seg = batch.get("segment_ids")
-    targets, mask = mtp_targets(tokens, seg, depth)
-    hidden, head = model.apply(
-        {"params": params},
-        tokens[:, :-1],
-        None if seg is None else seg[:, :-1],
-        method="features_and_head",
-    )
-    counts = mask.sum((1, 2)).astype(jnp.float32) if counts is None else counts
-    weights = depth_weights(lambdas, counts)
-    loss, sums, pred = weighted_cross_entropy(
-        hidden, head, targets, mask, weights, chunk_size, with_pred
-    )
-    return loss, (sums, pred, mask)

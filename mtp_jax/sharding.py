@@ -66,12 +66,20 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, allow_subset: bool = False
+) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), in `jax.devices()` order.
 
-    Axis types are Auto so that flax's logical constraints work.
+    With `allow_subset` (decoding), a mesh without -1 may use the first devices only, e.g.
+    `mesh.data=1` on a machine of 8. Axis types are Auto so that flax's logical constraints
+    work.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if allow_subset:
+        sizes = [int(getattr(mesh_cfg, axis)) for axis in MESH_AXES]
+        if -1 not in sizes and math.prod(sizes) < len(devices):
+            devices = devices[: math.prod(sizes)]
     shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(
         np.asarray(devices).reshape(shape),
@@ -154,15 +162,24 @@ def replicated_fraction(abstract_tree: Any, shardings: Any) -> float:
     return replicated_bytes / max(total, 1)
 
 
-def check_sharded_enough(abstract_params: Any, shardings: Any, mesh: Mesh, limit=0.1) -> float:
-    """Warns when more than `limit` of the parameter bytes are replicated on a >1-device mesh."""
+def check_sharded_enough(abstract_params: Any, shardings: Any, mesh: Mesh, limit: float) -> float:
+    """The fraction of parameter bytes every device holds whole; raises ConfigError when it
+    exceeds `limit` (`mesh.max_replicated_fraction`) on a mesh with fsdp x tensor > 1."""
     frac = replicated_fraction(abstract_params, shardings)
     model_parallel = mesh.shape["fsdp"] * mesh.shape["tensor"]
     if model_parallel > 1 and frac > limit:
-        log.warning(
-            "%.0f%% of parameter bytes are replicated on a mesh with fsdp x tensor = %d; check "
-            "the logical rules and that dimensions divide the mesh axes",
-            100 * frac,
-            model_parallel,
+        raise ConfigError(
+            f"config key 'mesh.max_replicated_fraction' has value {limit}, but "
+            f"{100 * frac:.1f}% of parameter bytes are replicated on every device of a mesh with "
+            f"fsdp x tensor = {model_parallel}: check that model dimensions divide the mesh "
+            "axes (see the warning above), or raise the limit"
         )
     return frac
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """A tree of abstract arrays -> `jax.ShapeDtypeStruct`s that carry `shardings` (what
+    `jit(...).lower`, Orbax restores and AOT compiles take)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )

@@ -104,10 +104,27 @@ def test_every_base_key_has_a_comment_and_a_rule():
     import re
 
     from mtp_jax.config import RULES, all_keys
+    from mtp_jax.model import ModelConfig
 
     source = inspect.getsource(base_config)
+    declared = ModelConfig.declared()
     for key in all_keys(base_config()):
         assert key in RULES, key
-        leaf = key.rsplit(".", 1)[-1]
+        section, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+        if section == "model":  # declared once, in ModelConfig, with a meaning and a check
+            assert declared[leaf].metadata["doc"] and RULES[key] is declared[leaf].metadata["check"]
+            continue
         lines = re.findall(rf"^\s+\w+\.{leaf} = (?!ConfigDict).*$", source, re.M)
         assert lines and all("  # " in ln for ln in lines), key
+
+
+def test_model_settings_are_declared_once():
+    """The config's model section, its rules and ModelConfig come from one declaration."""
+    from mtp_jax.model import ModelConfig
+
+    assert base_config().model.to_dict() == ModelConfig.defaults()
+    assert ModelConfig.from_any(base_config().model) == ModelConfig()
+    with pytest.raises(ConfigError, match="'model.n_kv_heads'.*divisor of model.n_heads=4"):
+        load_config(CONFIGS / "smoke.py", ["model.n_kv_heads=3"])
+    with pytest.raises(ConfigError, match="'model.mtp_layout' has value 'diagonal'"):
+        load_config(CONFIGS / "smoke.py", ["model.mtp_layout=diagonal"])

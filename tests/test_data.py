@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mtp_jax.cli.prepare import main as prepare_main
 from mtp_jax.config import base_config
 from mtp_jax.data import (
     ByteTokenizer,
@@ -28,7 +29,6 @@ from mtp_jax.data import (
 from mtp_jax.data import store as store_lib
 from mtp_jax.data.corpus import find_corpus
 from mtp_jax.data.pipeline import make_source
-from mtp_jax.data.prepare import main as prepare_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -393,7 +393,7 @@ def test_cli_main_and_module(tmp_path, capsys):
         [
             sys.executable,
             "-m",
-            "mtp_jax.data.prepare",
+            "mtp_jax.cli.prepare",
             "--corpus",
             corpus,
             "--out",
@@ -414,7 +414,7 @@ def test_cli_main_and_module(tmp_path, capsys):
         [
             sys.executable,
             "-m",
-            "mtp_jax.data.prepare",
+            "mtp_jax.cli.prepare",
             "--corpus",
             str(tmp_path / "nope"),
             "--out",

@@ -17,9 +17,17 @@ import pytest
 from conftest import tiny_model_config
 
 import mtp_jax
-from mtp_jax.inference import DecodeResult, Sampler, cli, generate, speculative_generate
-from mtp_jax.inference.decode import _COMPILED, stack
+from mtp_jax.cli import generate as cli
+from mtp_jax.inference import DecodeResult, Sampler, generate, speculative_generate
+from mtp_jax.inference.decode import _COMPILED
 from mtp_jax.inference.speculative import draft_tokens, speculative_decode_state
+from mtp_jax.model.layers import KVCache
+
+
+def _stacked(caches) -> KVCache:
+    """Per-layer KVCaches [B, L, K, H] -> one with leaves [n, B, L, K, H]."""
+    return KVCache(jnp.stack([c.k for c in caches]), jnp.stack([c.v for c in caches]))
+
 
 VOCAB, DEPTH, PROMPT, NEW = 31, 3, 8, 16
 LENGTHS = np.array([8, 5, 2])
@@ -112,29 +120,34 @@ def _cycle_prompts():
 
 
 def test_cached_trunk_and_mtp_logits_equal_full_forward():
-    """Prefill 5 positions, then one position at a time: every depth's logits match."""
-    cfg = tiny_model_config(**CFG)
-    model, params = mtp_jax.Model(cfg), _init(cfg)
-    seq, split = 9, 6
-    tokens = jax.random.randint(jax.random.key(4), (2, seq + DEPTH), 0, VOCAB)
-    full = jax.jit(model.apply)({"params": params}, tokens).logits  # [D+1, B, S, V]
+    """Prefill 6 positions, then one position at a time, through the model's decoding API:
+    every depth's logits match the training forward, for both layouts, with the stacked
+    parameters sliced inside the step and with `prepare`'s per-layer copies."""
+    for layout in ("sequential", "parallel"):
+        cfg = tiny_model_config(mtp_layout=layout, **CFG)
+        model, params = mtp_jax.Model(cfg), _init(cfg)
+        seq = 9
+        tokens = jax.random.randint(jax.random.key(4), (2, seq + DEPTH), 0, VOCAB)
+        full = jax.jit(model.apply)({"params": params}, tokens).logits  # [D+1, B, S, V]
+        dec = model.decoder()
+        for view in (dec.view(params), dec.prepare(params)):
+            _check_cached_steps(dec, view, tokens, seq, full)
 
+
+def _check_cached_steps(dec, view, tokens, seq, full, split=6):
     @jax.jit
-    def cached(params):
-        cache = mtp_jax.init_cache(cfg, 2, seq + 4)
+    def cached(view):
+        cache = dec.init_cache(2, seq + 4)
         trunk, mtp, got0, gotk = cache.trunk, cache.mtp, [], []
         for lo, hi in [(0, split)] + [(i, i + 1) for i in range(split, seq)]:
             pos = jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo))
-            h0, logits, trunk = model.apply(
-                {"params": params}, tokens[:, lo:hi], pos, trunk, method="trunk_step"
-            )
-            nxt = jnp.stack([tokens[:, lo + k : hi + k] for k in range(1, DEPTH + 1)])
-            logits_k, mtp = model.apply({"params": params}, h0, nxt, pos, mtp, method="mtp_step")
+            h0, logits, trunk = dec.trunk_step(view, tokens[:, lo:hi], pos, trunk)
+            logits_k, mtp = dec.mtp_step(view, h0, tokens, pos, mtp)
             got0.append(logits)
             gotk.append(logits_k)
         return got0, gotk
 
-    got0, gotk = cached(params)
+    got0, gotk = cached(view)
     np.testing.assert_allclose(jnp.concatenate(got0, 1), full[0], atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(jnp.concatenate(gotk, 2), full[1:], atol=2e-4, rtol=1e-4)
 
@@ -261,22 +274,21 @@ def test_caches_after_rejections_equal_a_clean_run(layout_models):
     assert (n >= LENGTHS + NEW).all()
     # Draw from q (not argmax), so the drafts are arbitrary tokens.
     sampler = Sampler(temperature=1.0)
-    draft = jax.jit(lambda p, s, key: draft_tokens(model, cfg, sampler, p, s, key))
-    drafts, q, seq, mtp = draft(params, s, jax.random.key(5))
-    mtp, s_trunk = stack(mtp), stack(s.trunk)
+    dec = model.decoder()
+    view = dec.prepare(params)
+    draft = jax.jit(lambda p, s, key: draft_tokens(dec, sampler, p, s, key))
+    drafts, q, seq, mtp = draft(view, s, jax.random.key(5))
+    mtp, s_trunk = _stacked(mtp), _stacked(s.trunk)
 
     @jax.jit
-    def reference(params, seq):
-        ref = mtp_jax.init_cache(cfg, len(LENGTHS), seq.shape[1])
+    def reference(view, seq):
+        ref = dec.init_cache(len(LENGTHS), seq.shape[1])
         pos = jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape)
-        h0, _, trunk = model.apply({"params": params}, seq, pos, ref.trunk, method="trunk_step")
-        nxt = None
-        if cfg.mtp_layout == "sequential":
-            nxt = jnp.stack([jnp.roll(seq, -k, axis=1) for k in range(1, DEPTH + 1)])
-        logits, mtp = model.apply({"params": params}, h0, nxt, pos, ref.mtp, method="mtp_step")
-        return h0, trunk, mtp, logits
+        h0, _, trunk = dec.trunk_step(view, seq, pos, ref.trunk)
+        logits, mtp = dec.mtp_step(view, h0, seq, pos, ref.mtp)
+        return h0, _stacked(trunk), _stacked(mtp), logits
 
-    h0, trunk, mtp_ref, logits = reference(params, seq)
+    h0, trunk, mtp_ref, logits = reference(view, seq)
     slots = np.arange(seq.shape[1])
     stale_differs = False
     for b in range(len(LENGTHS)):
@@ -301,14 +313,14 @@ def test_rollback_at_the_layer_level():
     the logits of a cache that never saw them."""
     cfg = tiny_model_config(**CFG)
     model, params = mtp_jax.Model(cfg), _init(cfg)
+    dec = model.decoder()
 
     @jax.jit
     def run(params):
         def apply(toks, cache):
             pos = jnp.asarray([[p for p, _ in toks]])
             tokens = jnp.asarray([[t for _, t in toks]])
-            step = model.apply({"params": params}, tokens, pos, cache, method="trunk_step")
-            return step[1:]
+            return dec.trunk_step(params, tokens, pos, cache)[1:]
 
         empty = mtp_jax.init_cache(cfg, 1, 8).trunk
         _, clean = apply([(0, 1), (1, 2), (2, 3)], empty)
@@ -318,7 +330,7 @@ def test_rollback_at_the_layer_level():
         got, _ = apply([(2, 3), (3, 4)], dirty)  # re-decode from position 2
         return want[:, 0], stale[:, 0], got[:, 1]
 
-    want, stale, got = run(params)
+    want, stale, got = run(dec.prepare(params))
     assert not np.allclose(want, stale, atol=1e-4)  # without rollback the answer differs
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -408,6 +420,29 @@ def test_prompt_widths_share_a_compiled_loop(layout_models):
         assert len(_COMPILED) == compiled and second.stats["compile_seconds"] == 0
         np.testing.assert_array_equal(second.tokens, first.tokens)
         assert len(set(first.tokens[:, -1].tolist())) > 1
+
+
+def test_decoding_sharded_over_eight_devices_gives_the_tokens_of_one(layout_models):
+    """Parameters in their training shardings on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU
+    devices: plain and speculative greedy decoding give exactly the one-device tokens."""
+    from mtp_jax.config import ConfigDict
+    from mtp_jax.sharding import logical_shardings, make_mesh
+
+    cfg, params, _ = layout_models
+    model = mtp_jax.Model(cfg)
+    mesh = make_mesh(ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))
+    tokens = jnp.zeros((1, 4 + cfg.mtp_depth), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    sharded = jax.device_put(params, logical_shardings(boxed, mesh))
+    query = sharded["trunk"]["layers"]["block"]["attn"]["query"]
+    assert len(query.sharding.device_set) == 8 and not query.sharding.is_fully_replicated
+    prompts = _prompts()
+    for decode in (generate, speculative_generate):
+        one = decode(model, params, prompts, LENGTHS, max_new_tokens=NEW)
+        eight = decode(model, sharded, prompts, LENGTHS, max_new_tokens=NEW)
+        assert len(set(one.tokens[:, -1].tolist())) > 1, "degenerate outputs prove nothing"
+        np.testing.assert_array_equal(eight.tokens, one.tokens)
+        np.testing.assert_array_equal(eight.num_generated, one.num_generated)
 
 
 # --------------------------------------------------------------------------- errors and CLI

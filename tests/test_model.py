@@ -180,7 +180,7 @@ def test_mtp_block_is_a_plain_block():
 
 @pytest.mark.parametrize("layout", ["sequential", "parallel"])
 def test_model_flops_match_xla_cost_analysis(layout):
-    from mtp_jax.loss import loss_and_metrics
+    from mtp_jax.train.step import loss_and_metrics
 
     # XLA's cost analysis counts a while-loop (scan) body once: unroll the trunk and use one
     # MTP depth so that everything that runs is counted once on both sides.
@@ -239,26 +239,3 @@ def test_attention_stays_inside_its_document(layout):
     for j in range(boundary):
         assert not moved[:, j, boundary:].any(), j  # document 2 never sees document 1
         assert moved[0, j, j:boundary].all(), j  # document 1 does
-
-
-def test_dense_gradients_equal_autodiff_of_a_plain_dot():
-    """`dense` (custom VJP: weight gradient from a transposed copy) against jnp.dot's autodiff,
-    directly and through nn.Dense(dot_general=dense_dot_general)."""
-    from mtp_jax.model.layers import dense, dense_dot_general
-
-    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x, w = jax.random.normal(kx, (24, 16)), jax.random.normal(kw, (16, 40))
-    dy = jax.random.normal(kg, (24, 40))
-    ref = jax.vjp(jnp.dot, x, w)[1](dy)
-    out, vjp = jax.vjp(dense, x, w)
-    np.testing.assert_allclose(out, x @ w, rtol=1e-6)
-    for a, b in zip(vjp(dy), ref, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    layer = nn.Dense(40, use_bias=False, dot_general=dense_dot_general)
-    params = layer.init(kw, x)
-    g_layer = jax.grad(lambda p: jnp.vdot(layer.apply(p, x), dy))(params)["params"]["kernel"]
-    kernel = params["params"]["kernel"]
-    np.testing.assert_allclose(g_layer, jax.grad(lambda k: jnp.vdot(x @ k, dy))(kernel), rtol=1e-5)
-    # 3-D inputs take the plain lax.dot_general path.
-    x3 = x.reshape(4, 6, 16)
-    np.testing.assert_allclose(layer.apply(params, x3), (x @ kernel).reshape(4, 6, 40), rtol=1e-5)

@@ -43,12 +43,11 @@ def _launch(workdir, store, steps, processes, devices_per_process, delay=0.0):
         env.update(
             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
             JAX_PLATFORMS="cpu",
-            MTP_JAX_TEST_STEP_DELAY=str(delay),
         )
         cmd = [
             sys.executable,
-            "-m",
-            "mtp_jax.train",
+            str(CONFIGS.parent / "tests" / "slow_train.py"),
+            str(delay),
             "--config",
             str(CONFIGS / "smoke.py"),
             "--workdir",

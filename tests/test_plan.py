@@ -12,10 +12,11 @@ import os
 import pytest
 from conftest import CONFIGS
 
-from mtp_jax import plan as plan_mod
+from mtp_jax.cli.train import plan_main
 from mtp_jax.config import ConfigError, load_config
 from mtp_jax.model import model_flops, param_count
-from mtp_jax.plan import GiB, PlanError, plan, plan_main
+from mtp_jax.train import plan as plan_mod
+from mtp_jax.train.plan import GiB, PlanError, plan
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 if not HAVE_LIBTPU and os.environ.get("MTP_JAX_REQUIRE_LIBTPU") == "1":

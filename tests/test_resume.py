@@ -34,12 +34,15 @@ LOSS_KEYS = (
 )
 
 
-def _command(workdir, store):
+SLOW_TRAIN = CONFIGS.parent / "tests" / "slow_train.py"
+
+
+def _command(workdir, store, delay=0.0):
     overrides = [o for o in TINY_TRAIN if not o.startswith(("train.steps", "checkpoint."))]
     return [
         sys.executable,
-        "-m",
-        "mtp_jax.train",
+        str(SLOW_TRAIN),
+        str(delay),
         "--config",
         str(CONFIGS / "smoke.py"),
         "--workdir",
@@ -53,10 +56,9 @@ def _command(workdir, store):
     ]
 
 
-def _env(delay=0.0):
+def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop run
-    env["MTP_JAX_TEST_STEP_DELAY"] = str(delay)
     return env
 
 
@@ -71,8 +73,8 @@ def _run(workdir, store, timeout=240):
 def _start_and_signal(workdir, store, sig, when, timeout=240):
     """Starts a slowed run and sends `sig` once `when(last_logged_step, checkpoint_steps)`."""
     proc = subprocess.Popen(
-        _command(workdir, store),
-        env=_env(delay=0.25),
+        _command(workdir, store, delay=0.25),
+        env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

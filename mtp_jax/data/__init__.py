@@ -12,18 +12,11 @@ not import Grain.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
-# `python -m mtp_jax.data.prepare` runs a module this package has already imported (for the
-# `prepare` function below); runpy warns about it, harmlessly: the module only defines names.
-warnings.filterwarnings(
-    "ignore", message="'mtp_jax.data.prepare' found in sys.modules", category=RuntimeWarning
-)
-
-from mtp_jax.data.errors import DataError  # noqa: E402
-from mtp_jax.data.prepare import default_store_path, ensure_store, prepare  # noqa: E402
-from mtp_jax.data.tokenizer import ByteTokenizer, get_tokenizer  # noqa: E402
+from mtp_jax.data.errors import DataError
+from mtp_jax.data.prepare import default_store_path, ensure_store, prepare
+from mtp_jax.data.tokenizer import ByteTokenizer, get_tokenizer
 
 if TYPE_CHECKING:
     from mtp_jax.data.pipeline import make_dataset, to_global_batch

@@ -31,14 +31,14 @@ import numpy as np
 from mtp_jax.data import store as store_lib
 from mtp_jax.data.errors import DataError
 from mtp_jax.data.prepare import check_manifest, store_path
+from mtp_jax.window import WindowSpec
 
 SYNTHETIC_WINDOWS = 1 << 20  # windows in one epoch of the synthetic source
 
 
 def num_windows(num_tokens: int, seq_len: int, mtp_depth: int) -> int:
     """Windows of S + D + 1 tokens at stride S in a stream of `num_tokens` (0 if too short)."""
-    window = seq_len + mtp_depth + 1
-    return 0 if num_tokens < window else (num_tokens - window) // seq_len + 1
+    return WindowSpec(seq_len, mtp_depth).num_windows(num_tokens)
 
 
 def _segment_ids(doc_index: np.ndarray) -> np.ndarray:
@@ -57,7 +57,7 @@ class StoreWindowSource:
     def __init__(self, path: str, split: str, seq_len: int, mtp_depth: int):
         self.path, self.split = path, split
         self.seq_len, self.mtp_depth = seq_len, mtp_depth
-        self.window = seq_len + mtp_depth + 1
+        self.window = WindowSpec(seq_len, mtp_depth).length
         self._store: store_lib.StoreSplit | None = None
         n_tokens = self._split().num_tokens
         self._len = num_windows(n_tokens, seq_len, mtp_depth)
@@ -111,7 +111,7 @@ class SyntheticWindowSource:
     def __init__(self, vocab_size: int, seq_len: int, mtp_depth: int, seed: int = 0):
         self.vocab_size, self.seed = vocab_size, seed
         self.seq_len, self.mtp_depth = seq_len, mtp_depth
-        self.window = seq_len + mtp_depth + 1
+        self.window = WindowSpec(seq_len, mtp_depth).length
         self.mean_doc_len = max(4, seq_len // 2)
 
     def __len__(self) -> int:

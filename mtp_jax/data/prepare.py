@@ -1,7 +1,7 @@
 """Corpus -> token store (`mtp-prepare`), the default cache path, and `ensure_store`.
 
 ```
-mtp-prepare --corpus stdlib --out ~/stores/stdlib-byte          # or python -m mtp_jax.data.prepare
+mtp-prepare --corpus stdlib --out ~/stores/stdlib-byte          # or python -m mtp_jax.cli.prepare
 mtp-prepare --corpus 'docs/**/*.md' --tokenizer tok.model --out gs://bucket/stores/docs
 ```
 Documents are tokenized in worker processes (spawned, so a parent that already runs JAX is
@@ -13,7 +13,6 @@ incomplete and never used.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import logging
@@ -22,7 +21,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -261,45 +260,3 @@ def ensure_store(data_cfg: ml_collections.ConfigDict, vocab_size: int | None = N
     for split in store_lib.SPLITS:
         store_lib.open_split(path, split)  # counts agree with the arrays
     return path
-
-
-# ------------------------------------------------------------------------------ CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`mtp-prepare`: tokenize a corpus into a token store; prints the manifest."""
-    parser = argparse.ArgumentParser(prog="mtp-prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", default="stdlib", help="'stdlib', a dir, a glob or .jsonl")
-    parser.add_argument("--out", default="", help="store path or gs:// URL (default: cache)")
-    parser.add_argument("--tokenizer", default="byte", help="'byte', a .model or tokenizer.json")
-    parser.add_argument("--val_fraction", type=float, default=0.02)
-    parser.add_argument("--text_field", default="text", help="JSONL field with the text")
-    parser.add_argument(
-        "--num_workers", type=int, default=None, help="default: 1 for 'byte', else all cores"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = args.out or default_store_path(args.corpus, args.tokenizer, args.val_fraction)
-    try:
-        manifest = prepare(
-            args.corpus,
-            out,
-            tokenizer=args.tokenizer,
-            val_fraction=args.val_fraction,
-            text_field=args.text_field,
-            num_workers=args.num_workers,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
-    except DataError as e:
-        parser.exit(2, f"mtp-prepare: error: {e}\n")
-    print(f"wrote {out}")
-    for split, counts in manifest["splits"].items():
-        print(f"  {split}: {counts['tokens']:,} tokens in {counts['docs']:,} documents")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

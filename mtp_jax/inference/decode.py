@@ -14,10 +14,10 @@ that stops once every row is finished. Padding slots of a short prompt hold garb
 the row's first decode step overwrites slot `lengths[b]` before attending and the causal
 mask hides every slot past the query's position, so they are never read.
 
-Inside the loop the trunk runs layer by layer (`trunk_forward`), each layer with its own
-KV cache array [B, L, K, H]: the same arithmetic as `Model.trunk_step`, but neither a scan
-over layers (an XLA while loop per step) nor a stacked [n_layers, ...] cache that would be
-sliced and restacked (copied) every step; on a CPU this makes a small model's step ~4x faster.
+Every model computation is the model's own decoding API (`mtp_jax.model.decoding.Decoder`:
+prefill, cached trunk and depth steps on the model's parameter tree); this package holds the
+loops, sampling and acceptance. Parameters may be sharded over a mesh (`load_params(...,
+mesh=...)`): the loop is compiled for their shardings and gives the tokens of one device.
 
 Sampling applies `Sampler` (temperature, then top-k, then top-p) to the trunk's logits;
 `temperature=0` is greedy (argmax). The compiled loop is cached per model config, shapes
@@ -31,13 +31,14 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax.model.layers import Block, KVCache, ModelConfig, RMSNorm
-from mtp_jax.model.model import Model, init_cache
+from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.decoding import Decoder
+from mtp_jax.model.layers import KVCache
+from mtp_jax.model.model import Model
 
 Array = jax.Array
 
@@ -114,14 +115,6 @@ def sample_from(key: Array, probs: Array) -> Array:
 # ------------------------------------------------------------------------------ shared helpers
 
 
-def unwrap_params(params: Any) -> Any:
-    """Accepts `params`, `{'params': params}` or boxed (`nn.Partitioned`) trees -> plain params."""
-    params = nn.unbox(params)
-    if isinstance(params, dict) and set(params) == {"params"}:
-        params = params["params"]
-    return params
-
-
 MIN_PROMPT_WIDTH = 16
 
 
@@ -193,7 +186,8 @@ def run_cached(
     computation alone, without the host transfer of the outputs).
     """
     leaves, tree = jax.tree.flatten(args)
-    full_key = (key, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+    layout = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+    full_key = (key, tree, layout)
     compile_s = 0.0
     if full_key not in _COMPILED:
         t0 = time.perf_counter()
@@ -210,113 +204,13 @@ def prefill_last_logits(logits: Array, lengths: Array) -> Array:
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
-# ------------------------------------------------------------------------------ the trunk
-
-
-Caches = tuple[KVCache, ...]
-
-
-def unstack(cache: KVCache) -> Caches:
-    """KVCache with leaves [n, B, L, K, H] -> n KVCaches [B, L, K, H]."""
-    return tuple(KVCache(k, v) for k, v in zip(cache.k, cache.v))
-
-
-def stack(caches: Caches) -> KVCache:
-    """n KVCaches [B, L, K, H] -> one KVCache with leaves [n, B, L, K, H]."""
-    return KVCache(jnp.stack([c.k for c in caches]), jnp.stack([c.v for c in caches]))
-
-
-def layer_params(cfg: ModelConfig, params: Any) -> list[Any]:
-    """The trunk's per-layer Block params (from scanned [n_layers, ...] or unrolled layers, or
-    the list `split_params` made)."""
-    trunk = params["trunk"]
-    if SPLIT in trunk:
-        return list(trunk[SPLIT])
-    if cfg.scan_layers:
-        stacked = trunk["layers"]["block"]
-        return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.n_layers)]
-    return [trunk[f"layers_{i}"] for i in range(cfg.n_layers)]
-
-
-SPLIT = "split"  # the key under which `split_params` keeps per-layer / per-depth param trees
-
-
-def _split(cfg: ModelConfig, params: Any) -> Any:
-    out = dict(params, trunk={SPLIT: tuple(layer_params(cfg, params))})
-    if cfg.mtp_depth and "mtp" in params:
-        (stacked,) = params["mtp"].values()  # 'depths' (sequential) or 'heads' (parallel)
-        per_depth = [jax.tree.map(lambda x, k=k: x[k], stacked) for k in range(cfg.mtp_depth)]
-        out["mtp"] = {SPLIT: tuple(per_depth)}
-    return out
-
-
-_SPLITTERS: dict[ModelConfig, Callable[[Any], Any]] = {}
-
-
-def split_params(cfg: ModelConfig, params: Any) -> Any:
-    """params with the stacked trunk layers / MTP depths split into one tree per layer / depth
-    (under `SPLIT`), done once per call outside the decode loop.
-
-    Slicing a stacked [n, ...] weight inside the jitted loop copies it at every step: XLA sinks
-    the loop-invariant slices into the while body. For a small model on a CPU those copies
-    (the whole weights, every step) were about a third of a decode step.
-    """
-    if cfg not in _SPLITTERS:
-        _SPLITTERS[cfg] = jax.jit(lambda p: _split(cfg, p))
-    return _SPLITTERS[cfg](params)
-
-
-def trunk_forward(
-    model: Model, params: Any, tokens: Array, positions: Array, caches: Caches
-) -> tuple[Array, Array, Caches]:
-    """`Model.trunk_step` layer by layer with one cache per layer.
-
-    tokens, positions [B, T] -> (h0 [B, T, E] pre-norm, logits [B, T, V] f32, caches).
-    """
-    cfg = ModelConfig.from_any(model.config)
-    x = embed(model, params, tokens)
-    new = []
-    for p, cache in zip(layer_params(cfg, params), caches):
-        x, cache = Block(cfg).apply({"params": p}, x, positions, None, cache)
-        new.append(cache)
-    normed = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
-    return x, head(model, params, normed), tuple(new)
-
-
-def _shared(params: Any) -> dict[str, Any]:
-    """The embedding / output-head params (what `embed_tokens` and `logits` read)."""
-    return {"params": {k: params[k] for k in ("embed", "head") if k in params}}
-
-
-def embed(model: Model, params: Any, tokens: Array) -> Array:
-    """tokens [...] -> the trunk's embeddings [..., E]."""
-    return model.apply(_shared(params), tokens, method="embed_tokens")
-
-
-def head(model: Model, params: Any, normed: Array) -> Array:
-    """normed hidden [..., E] -> logits [..., V] float32 through the shared head."""
-    return model.apply(_shared(params), normed, method="logits")
-
-
-def prefill(model: Model, params: Any, prompts: Array, slots: int) -> tuple[Array, Array, Caches]:
-    """The trunk over prompts [B, P] at positions 0..P-1 into fresh caches of `slots` slots.
-
-    Returns (h0 [B, P, E], logits [B, P, V], per-layer caches).
-    """
-    cfg = ModelConfig.from_any(model.config)
-    batch, plen = prompts.shape
-    caches = unstack(init_cache(cfg, batch, slots).trunk)
-    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
-    return trunk_forward(model, params, prompts, positions, caches)
-
-
 # ------------------------------------------------------------------------------ plain decoding
 
 
 class _PlainState(NamedTuple):
     step: Array  # scalar int32: tokens generated so far (per active row)
     logits: Array  # [B, V] the trunk's logits for the next token
-    caches: Caches  # one per layer, [B, L, K, H]
+    caches: tuple[KVCache, ...]  # one per layer, [B, L, K, H]
     out: Array  # [B, N] (entries of finished rows are garbage)
     count: Array  # [B]
     done: Array  # [B] bool
@@ -325,12 +219,13 @@ class _PlainState(NamedTuple):
 def _plain_loop(
     cfg: ModelConfig, sampler: Sampler, max_new_tokens: int
 ) -> Callable[..., tuple[Array, Array, Array]]:
-    """The jittable loop: (params, prompts, lengths, rng, eos_id) -> (out, count, steps)."""
-    model = Model(cfg)
+    """The jittable loop: (params, prompts, lengths, rng, eos_id) -> (out, count, steps);
+    params as `Decoder.prepare(..., with_depths=False)` makes them."""
+    dec = Decoder(cfg)
 
     def run(params, prompts, lengths, rng, eos_id):
         batch, plen = prompts.shape
-        _, logits, caches = prefill(model, params, prompts, plen + max_new_tokens)
+        _, logits, caches = dec.prefill(params, prompts, plen + max_new_tokens)
         state = _PlainState(
             step=jnp.int32(0),
             logits=prefill_last_logits(logits, lengths),
@@ -349,7 +244,7 @@ def _plain_loop(
             out = s.out.at[:, s.step].set(tok)
             done = s.done | (s.step + 1 >= max_new_tokens) | (tok == eos_id)
             pos = (lengths + s.step)[:, None]
-            _, logits, caches = trunk_forward(model, params, tok[:, None], pos, s.caches)
+            _, logits, caches = dec.trunk_step(params, tok[:, None], pos, s.caches)
             return _PlainState(
                 s.step + 1, logits[:, 0], caches, out, s.count + active.astype(jnp.int32), done
             )
@@ -358,12 +253,6 @@ def _plain_loop(
         return final.out, final.count, final.step
 
     return run
-
-
-def trunk_only(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
-    """The trunk-only view of a model (mtp_depth 0, no `mtp` params), for plain decoding."""
-    params = {k: v for k, v in params.items() if k != "mtp"}
-    return dataclasses.replace(cfg, mtp_depth=0, mtp_layout="sequential"), params
 
 
 def generate(
@@ -388,8 +277,11 @@ def generate(
     """
     sampler = Sampler(temperature, top_k, top_p)
     prompts, lengths = check_inputs(prompts, lengths, max_new_tokens)
-    cfg, params = trunk_only(ModelConfig.from_any(model.config), unwrap_params(params))
-    params = split_params(cfg, params)
+    # The trunk alone: plain decoding of every D and layout shares one compiled loop.
+    cfg = dataclasses.replace(
+        ModelConfig.from_any(model.config), mtp_depth=0, mtp_layout="sequential"
+    )
+    params = model.decoder().prepare(params, with_depths=False)
     rng = jax.random.key(0) if rng is None else rng
     key = ("plain", cfg, sampler, max_new_tokens)
     build = lambda: _plain_loop(cfg, sampler, max_new_tokens)  # noqa: E731

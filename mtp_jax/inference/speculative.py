@@ -45,29 +45,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.inference.decode import (
-    SPLIT,
-    Caches,
     DecodeResult,
     Sampler,
     check_inputs,
-    embed,
     eos_array,
     finish,
     gather_rows,
-    head,
-    prefill,
     prefill_last_logits,
     run_cached,
     sample_from,
-    split_params,
-    trunk_forward,
-    unstack,
-    unwrap_params,
     write_rows,
 )
-from mtp_jax.model.layers import ModelConfig
-from mtp_jax.model.model import Model, init_cache
-from mtp_jax.model.mtp import MTPDepth, ParallelHead
+from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.decoding import Caches, DecodeParams, Decoder, prompt_positions
+from mtp_jax.model.model import Model
 
 Array = jax.Array
 
@@ -78,7 +69,7 @@ class SpecState(NamedTuple):
     n [B]: tokens known per row (prompt + generated); seq [B, L]: those tokens, then drafts;
     hist [B, L, E]: the trunk's pre-norm h0 per position (verified up to n-2);
     trunk, mtp: KV caches, one [B, L, K, H] per trunk layer / per MTP depth (see
-    `decode.trunk_forward` for why they are not stacked);
+    `mtp_jax.model.decoding` for why they are not stacked);
     out [B, N+D+1], count [B], done [B]: the generated tokens; drafted [B, N+D+1]: per entry
     of out, whether it is an accepted draft (False: the trunk's own token); row_drafted [B]:
     accepted drafts kept in out (a step cut short by EOS or max_new_tokens keeps fewer);
@@ -112,89 +103,38 @@ def _draft_window(n: Array, depth: int) -> tuple[Array, Array]:
     return start[:, None] + jnp.arange(depth + 1, dtype=jnp.int32), n - 2 - start
 
 
-def depth_params(params: Any, k: int) -> Any:
-    """The params of MTP depth / parallel head k (0-based), from split or stacked params."""
-    mtp = params["mtp"]
-    if SPLIT in mtp:
-        return mtp[SPLIT][k]
-    (stacked,) = mtp.values()  # 'depths' or 'heads', [D, ...]
-    return jax.tree.map(lambda p: p[k], stacked)
-
-
 def _at(x: Array, index: Array) -> Array:
     """x [B, T, ...], index [B] -> x[b, index[b]] as [B, ...]."""
     return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
 
 
-def _draft_sequential(
-    model: Model, cfg: ModelConfig, sampler: Sampler, params: Any, s: SpecState, key: Array
+def draft_tokens(
+    dec: Decoder, sampler: Sampler, params: DecodeParams, s: SpecState, key: Array
 ) -> tuple[Array, Array, Array, Caches]:
-    """The DeepSeek-V3 chain drafts t[n .. n+D-1], one depth at a time over the window.
+    """The drafter proposes t[n .. n+D-1] from position i = n-2, recomputing every depth over
+    the window [n-2-D, n-2] (see the module docstring).
 
-    Returns (drafts [B, D], draft probabilities q [B, D, V] (greedy: [B, D, 0], unused),
-    seq with the drafts written at n .. n+D-1, the updated MTP caches [D, ...]).
+    Sequential chain: depth k reads h^{k-1} and t[i+k] (`depth_tokens` on the row buffer, which
+    holds this step's drafts at n .. n+k-2 by the time depth k runs) and proposes t[n+k-1].
+    Parallel heads: head k reads h0 alone; the D draws are independent.
+    Returns (drafts [B, D], their distributions q [B, D, V] (greedy: [B, D, 0], unused), seq
+    with the drafts written at n .. n+D-1, the updated MTP caches, one per depth).
     """
-    depth = cfg.mtp_depth
+    depth = dec.cfg.mtp_depth
     window, query = _draft_window(s.n, depth)
-    h = gather_rows(s.hist, window)  # h0 [B, D+1, E]
-    # The true tokens of every depth's window at once: t[window + k] for k = 1..D, [B, D+1+D-1].
-    known = gather_rows(s.seq, window[:, :1] + jnp.arange(1, 2 * depth + 1, dtype=jnp.int32))
-    caches, drafts, probs = list(s.mtp), [], []
+    h0 = gather_rows(s.hist, window)  # [B, D+1, E]
+    h, seq, caches, drafts, probs = h0, s.seq, list(s.mtp), [], []
     for k in range(1, depth + 1):
-        # Depth k reads t[window + k]: true tokens, then the drafts at n .. n+k-2 (the tail of
-        # the window, right after query = n-2-start), i.e. this row's last drafts.
-        toks = jax.lax.dynamic_slice_in_dim(known, k - 1, depth + 1, axis=1)
-        for j, draft in enumerate(drafts):  # draft j+1 sits at position n+j = window[query+2+j-k]
-            toks = jnp.where(
-                jnp.arange(depth + 1)[None, :] == (query + 2 + j - k)[:, None], draft[:, None], toks
-            )
-        emb = embed(model, params, toks)
-        h, (normed, caches[k - 1]) = MTPDepth(cfg).apply(
-            {"params": depth_params(params, k - 1)}, h, emb, window, None, caches[k - 1]
-        )
-        logits = head(model, params, _at(normed, query))  # [B, V]
-        drafts.append(sampler.sample(jax.random.fold_in(key, k), logits))
+        h, out, caches[k - 1] = dec.depth_step(params, k, h, seq, window, caches[k - 1])
+        logits = dec.logits(params, _at(out, query))  # [B, V], at position n-2
+        draft = sampler.sample(jax.random.fold_in(key, k), logits)
+        seq = write_rows(seq, draft[:, None], s.n + k - 1)
+        drafts.append(draft)
         if not sampler.greedy:
             probs.append(sampler.probs(logits))
     drafts = jnp.stack(drafts, 1)
     q = jnp.stack(probs, 1) if probs else jnp.zeros(drafts.shape + (0,), jnp.float32)
-    return drafts, q, write_rows(s.seq, drafts, s.n), tuple(caches)
-
-
-def _draft_parallel(
-    model: Model, cfg: ModelConfig, sampler: Sampler, params: Any, s: SpecState, key: Array
-) -> tuple[Array, Array, Array, Caches]:
-    """Parallel heads draft t[n .. n+D-1] from h0 at n-2 (same returns as the chain).
-
-    The heads are applied one by one (unrolled, like the chain's depths): a scan over them
-    inside the decode loop would add a while loop per step.
-    """
-    depth = cfg.mtp_depth
-    window, query = _draft_window(s.n, depth)
-    h0 = gather_rows(s.hist, window)
-    caches, normed = list(s.mtp), []
-    for k in range(depth):
-        _, (out, caches[k]) = ParallelHead(cfg).apply(
-            {"params": depth_params(params, k)}, h0, window, None, caches[k]
-        )
-        normed.append(_at(out, query))
-    logits = head(model, params, jnp.stack(normed, 1))  # [B, D, V]
-    drafts = sampler.sample(key, logits)  # [B, D], independent draws
-    seq = write_rows(s.seq, drafts, s.n)
-    q = jnp.zeros(drafts.shape + (0,), jnp.float32) if sampler.greedy else sampler.probs(logits)
     return drafts, q, seq, tuple(caches)
-
-
-def draft_tokens(
-    model: Model, cfg: ModelConfig, sampler: Sampler, params: Any, s: SpecState, key: Array
-) -> tuple[Array, Array, Array, Caches]:
-    """Drafts t[n .. n+D-1] with the model's layout.
-
-    Returns (drafts [B, D], their distributions q [B, D, V] (greedy: [B, D, 0], unused), seq
-    with the drafts written at n .. n+D-1, the updated MTP caches, one per depth).
-    """
-    draft = _draft_sequential if cfg.mtp_layout == "sequential" else _draft_parallel
-    return draft(model, cfg, sampler, params, s, key)
 
 
 # ------------------------------------------------------------------------------ verification
@@ -258,10 +198,9 @@ def _emit(
 
 
 def _prefill(
-    model: Model,
-    cfg: ModelConfig,
+    dec: Decoder,
     sampler: Sampler,
-    params: Any,
+    params: DecodeParams,
     prompts: Array,
     lengths: Array,
     key: Array,
@@ -270,27 +209,17 @@ def _prefill(
 ) -> SpecState:
     """Trunk over the prompts, the first token from the trunk, MTP caches over the prompts."""
     batch, plen = prompts.shape
-    depth = cfg.mtp_depth
+    depth = dec.cfg.mtp_depth
     slots = plen + max_new_tokens + 2 * depth + 2
-    h0, logits, trunk = prefill(model, params, prompts, slots)
-    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
+    h0, logits, trunk = dec.prefill(params, prompts, slots)
     first = sampler.sample(key, prefill_last_logits(logits, lengths))
     seq = jnp.zeros((batch, slots), jnp.int32).at[:, :plen].set(prompts)
     seq = write_rows(seq, first[:, None], lengths)
-    hist = jnp.zeros((batch, slots, cfg.d_model), h0.dtype).at[:, :plen].set(h0)
+    hist = jnp.zeros((batch, slots, dec.cfg.d_model), h0.dtype).at[:, :plen].set(h0)
     # Slot j of depth k is right wherever t[j+1 .. j+k] are known; the rest is redone in the
-    # first draft window. (`Model.mtp_step`, depth by depth, on the split params.)
-    mtp, h = list(unstack(init_cache(cfg, batch, slots).mtp)), h0
-    for k in range(depth):
-        if cfg.mtp_layout == "sequential":
-            emb = embed(model, params, seq[:, k + 1 : k + 1 + plen])
-            h, (_, mtp[k]) = MTPDepth(cfg).apply(
-                {"params": depth_params(params, k)}, h, emb, positions, None, mtp[k]
-            )
-        else:
-            _, (_, mtp[k]) = ParallelHead(cfg).apply(
-                {"params": depth_params(params, k)}, h0, positions, None, mtp[k]
-            )
+    # first draft window.
+    empty = dec.init_cache(batch, slots).mtp
+    _, mtp = dec.mtp_step(params, h0, seq, prompt_positions(batch, plen), empty)
     out = jnp.zeros((batch, max_new_tokens + depth + 1), jnp.int32).at[:, 0].set(first)
     done = jnp.full((batch,), max_new_tokens <= 1) | (first == eos_id)
     zero = jnp.zeros((), jnp.int32)
@@ -299,7 +228,7 @@ def _prefill(
         seq=seq,
         hist=hist,
         trunk=trunk,
-        mtp=tuple(mtp),
+        mtp=mtp,
         out=out,
         count=jnp.ones((batch,), jnp.int32),
         done=done,
@@ -313,23 +242,22 @@ def _prefill(
 
 
 def _step(
-    model: Model,
-    cfg: ModelConfig,
+    dec: Decoder,
     sampler: Sampler,
-    params: Any,
+    params: DecodeParams,
     s: SpecState,
     key: Array,
     max_new_tokens: int,
     eos_id: Array,
 ) -> SpecState:
     """One draft -> verify -> accept step for every row (finished rows stay put)."""
-    depth = cfg.mtp_depth
+    depth = dec.cfg.mtp_depth
     draft_key, accept_key = jax.random.split(key)
-    drafts, q, seq, mtp = draft_tokens(model, cfg, sampler, params, s, draft_key)
+    drafts, q, seq, mtp = draft_tokens(dec, sampler, params, s, draft_key)
     start = s.n - 1
     candidates = jnp.concatenate([_at(seq, start)[:, None], drafts], axis=1)  # [B, D+1]
     positions = start[:, None] + jnp.arange(depth + 1, dtype=jnp.int32)
-    h0, logits, trunk = trunk_forward(model, params, candidates, positions, s.trunk)
+    h0, logits, trunk = dec.trunk_step(params, candidates, positions, s.trunk)
     m, tokens = accept(sampler, drafts, q, logits, accept_key)
     active = ~s.done
     out, drafted, row_drafted, count, done, n = _emit(s, m, tokens, max_new_tokens, eos_id)
@@ -355,18 +283,17 @@ def _step(
 
 
 def _spec_loop(cfg: ModelConfig, sampler: Sampler, max_new_tokens: int) -> Callable[..., SpecState]:
-    """The jittable loop: (params, prompts [B, P], lengths [B], rng, eos_id) -> SpecState."""
-    model = Model(cfg)
+    """The jittable loop: (params, prompts [B, P], lengths [B], rng, eos_id) -> SpecState;
+    params as `Decoder.prepare` makes them."""
+    dec = Decoder(cfg)
 
     def run(params, prompts, lengths, rng, eos_id):
         prefill_key, loop_key = jax.random.split(rng)
-        s = _prefill(
-            model, cfg, sampler, params, prompts, lengths, prefill_key, max_new_tokens, eos_id
-        )
+        s = _prefill(dec, sampler, params, prompts, lengths, prefill_key, max_new_tokens, eos_id)
 
         def body(s: SpecState) -> SpecState:
             key = jax.random.fold_in(loop_key, s.step)
-            return _step(model, cfg, sampler, params, s, key, max_new_tokens, eos_id)
+            return _step(dec, sampler, params, s, key, max_new_tokens, eos_id)
 
         return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, s)
 
@@ -395,7 +322,7 @@ def speculative_decode_state(
         raise ValueError("speculative decoding needs a model with mtp_depth >= 1")
     sampler = Sampler(temperature, top_k, top_p)
     prompts, lengths = check_inputs(prompts, lengths, max_new_tokens)
-    params = split_params(cfg, unwrap_params(params))
+    params = model.decoder().prepare(params)
     rng = jax.random.key(0) if rng is None else rng
     key = ("speculative", cfg, sampler, max_new_tokens)
     build = lambda: _spec_loop(cfg, sampler, max_new_tokens)  # noqa: E731

@@ -1,16 +1,33 @@
-"""The model: layers, trunk, MTP depths and the composed `Model`."""
+"""The model: its settings, layers, trunk, MTP depths, the composed `Model` and its decoding API.
 
-from mtp_jax.model.flops import model_flops, param_count
-from mtp_jax.model.layers import KVCache, ModelConfig
-from mtp_jax.model.model import DecodeCache, Model, ModelOutput, init_cache
+Names are imported on first use (PEP 562), so that `mtp_jax.config` can read `ModelConfig`
+without importing flax.
+"""
 
-__all__ = [
-    "DecodeCache",
-    "KVCache",
-    "Model",
-    "ModelConfig",
-    "ModelOutput",
-    "init_cache",
-    "model_flops",
-    "param_count",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelConfig": "mtp_jax.model.config",
+    "KVCache": "mtp_jax.model.layers",
+    "Model": "mtp_jax.model.model",
+    "ModelOutput": "mtp_jax.model.model",
+    "Decoder": "mtp_jax.model.decoding",
+    "DecodeCache": "mtp_jax.model.decoding",
+    "DecodeParams": "mtp_jax.model.decoding",
+    "init_cache": "mtp_jax.model.decoding",
+    "model_flops": "mtp_jax.model.flops",
+    "param_count": "mtp_jax.model.flops",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mtp_jax.model' has no attribute {name!r}")

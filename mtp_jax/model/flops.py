@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtp_jax.model.layers import ModelConfig
+from mtp_jax.model.config import ModelConfig
 
 
 def _block_flops(cfg: ModelConfig, seq_len: int) -> float:

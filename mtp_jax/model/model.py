@@ -13,8 +13,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import KVCache, ModelConfig, RMSNorm, _init
-from mtp_jax.model.mtp import ParallelHeads, SequentialMTP
+from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.layers import RMSNorm, _init
+from mtp_jax.model.mtp import ParallelHeads, SequentialMTP, all_depth_tokens
 from mtp_jax.model.transformer import Embed, Trunk
 
 Array = jax.Array
@@ -26,14 +27,6 @@ class ModelOutput:
 
     logits: Array
     hidden: Array
-
-
-@flax.struct.dataclass
-class DecodeCache:
-    """KV caches for decoding: trunk leaves [n_layers, B, L, K, H], mtp [D, B, L, K, H]."""
-
-    trunk: KVCache
-    mtp: KVCache | None
 
 
 class Model(nn.Module):
@@ -81,7 +74,7 @@ class Model(nn.Module):
         if not depth:
             return out0
         if cfg.mtp_layout == "sequential":
-            shifted = jnp.stack([tokens[:, k : k + seq] for k in range(1, depth + 1)])  # [D,B,S]
+            shifted = all_depth_tokens(tokens, depth, seq)  # [D, B, S]
             outs, _ = self.mtp(h0, self.embed(shifted), positions, seg)
         else:
             outs, _ = self.mtp(h0, positions, seg)
@@ -113,43 +106,8 @@ class Model(nn.Module):
         """tokens [...] -> embeddings [..., E] (the trunk's own embedding)."""
         return self.embed(tokens)
 
-    def trunk_step(
-        self, tokens: Array, positions: Array, cache: KVCache
-    ) -> tuple[Array, Array, KVCache]:
-        """Cached trunk forward over T new tokens per row.
+    def decoder(self):
+        """The decoding API on this model's parameter tree (`mtp_jax.model.decoding.Decoder`)."""
+        from mtp_jax.model.decoding import Decoder
 
-        tokens, positions [B, T] -> (h0 [B, T, E] pre-norm, logits [B, T, V], cache).
-        """
-        h0, cache = self.trunk(self.embed(tokens), positions, None, cache)
-        return h0, self.logits(self.final_norm(h0)), cache
-
-    def mtp_step(
-        self,
-        h0: Array,
-        next_tokens: Array | None,
-        positions: Array,
-        cache: KVCache,
-    ) -> tuple[Array, KVCache]:
-        """Cached MTP forward over T positions, all D depths.
-
-        h0 [B, T, E] (trunk, pre-norm); next_tokens [D, B, T], next_tokens[k-1] = t[i+k]
-        (sequential only; None for parallel) -> (logits [D, B, T, V], cache [D, ...]).
-        """
-        if self.cfg.mtp_layout == "sequential":
-            outs, cache = self.mtp(h0, self.embed(next_tokens), positions, None, cache)
-        else:
-            outs, cache = self.mtp(h0, positions, None, cache)
-        return self.logits(outs), cache
-
-
-def init_cache(cfg: ModelConfig | Any, batch: int, length: int) -> DecodeCache:
-    """Zeroed decode caches for `batch` rows of `length` positions."""
-    cfg = ModelConfig.from_any(cfg)
-
-    def zeros(n):
-        shape = (n, batch, length, cfg.n_kv_heads, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-
-    return DecodeCache(
-        trunk=zeros(cfg.n_layers), mtp=zeros(cfg.mtp_depth) if cfg.mtp_depth else None
-    )
+        return Decoder(ModelConfig.from_any(self.config))

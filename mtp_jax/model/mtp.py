@@ -18,18 +18,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import (
-    Block,
-    KVCache,
-    ModelConfig,
-    RMSNorm,
-    _init,
-    dense_dot_general,
-    remat,
-    scan_unroll,
-)
+from mtp_jax.model.layers import Block, KVCache, Linear, ModelConfig, RMSNorm, remat, scan_unroll
 
 Array = jax.Array
+
+
+def depth_tokens(
+    tokens: Array, k: int, positions: Array | None = None, length: int | None = None
+) -> Array:
+    """The depth-k shift: the tokens t[i + k] that sequential depth k embeds at positions i.
+
+    With `positions` [B, T]: tokens [B, L] -> [B, T], row b's t[positions[b] + k] (decoding,
+    where positions are absolute and tokens a buffer); else positions 0 .. length-1:
+    tokens [B, >= length + k] -> tokens[:, k : k + length] (training).
+    """
+    if positions is None:
+        return tokens[:, k : k + length]
+    return jnp.take_along_axis(tokens, positions + k, axis=1, mode="clip")
+
+
+def all_depth_tokens(tokens: Array, depth: int, length: int) -> Array:
+    """tokens [B, >= length + depth] -> [D, B, length], entry k-1 = `depth_tokens(tokens, k)`."""
+    return jnp.stack([depth_tokens(tokens, k, length=length) for k in range(1, depth + 1)])
 
 
 class MTPDepth(nn.Module):
@@ -52,16 +62,7 @@ class MTPDepth(nn.Module):
             [RMSNorm(cfg, name="hidden_norm")(h_prev), RMSNorm(cfg, name="embed_norm")(emb)],
             axis=-1,
         )
-        x = nn.Dense(
-            cfg.d_model,
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-            kernel_init=_init(cfg, ("mlp", "embed")),
-            dot_general=dense_dot_general,
-            name="proj",
-        )(joined.reshape(-1, joined.shape[-1]))  # on [B*T, 2E] rows: a 2-D weight gradient
-        x = x.reshape(joined.shape[:-1] + (cfg.d_model,))
+        x = Linear(cfg, cfg.d_model, ("mlp", "embed"), name="proj")(joined)
         h, cache = Block(cfg, name="block")(x, positions, segment_ids, cache)
         return h, (RMSNorm(cfg, name="out_norm")(h), cache)
 

@@ -165,27 +165,57 @@ def saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[C
     return config_from_dict(values["config"]), step
 
 
-def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tuple[ConfigDict, Any]:
-    """(config, params) of a training run's checkpoint (default: the newest), on one device.
+def load_params(
+    workdir: str | os.PathLike, step: int | None = None, mesh: Any | None = None
+) -> Any:
+    """The model parameters of a run's checkpoint (default: the newest), and nothing else.
+
+    An Orbax partial restore: no optimizer is built and no optimizer moments are read. The
+    parameters land straight in their training shardings on `mesh` (a `jax.sharding.Mesh`
+    with axes ('data', 'fsdp', 'tensor'); default: the first device alone).
+    """
+    from mtp_jax.sharding import make_mesh
+    from mtp_jax.train.state import abstract_params
+
+    config, step = saved_config(workdir, step)
+    if mesh is None:
+        mesh = make_mesh(ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
+    item = {"params": abstract_params(config, mesh)}
+    with _quiet_absl():
+        manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=item,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True,
+                )
+            ),
+        )
+    except Exception as e:  # noqa: BLE001 - name the checkpoint, keep the cause
+        raise CheckpointError(
+            f"the parameters of checkpoint step {step} in {os.fspath(workdir)!r} could not be "
+            f"read: {(str(e).splitlines() or [''])[0][:300]}"
+        ) from e
+    finally:
+        manager.close()
+    return restored["state"]["params"]
+
+
+def load_checkpoint(
+    workdir: str | os.PathLike, step: int | None = None, mesh: Any | None = None
+) -> tuple[ConfigDict, Any]:
+    """(config, params) of a training run's checkpoint (default: the newest): `saved_config`
+    and `load_params` (parameters only, in their shardings on `mesh`, default one device).
 
     For notebooks and inference: `config, params = mtp_jax.load_checkpoint("runs/smoke")`,
     then `mtp_jax.Model(config.model).apply({"params": params}, tokens)`.
     """
-    from mtp_jax.model import Model
-    from mtp_jax.sharding import make_mesh
-    from mtp_jax.train.state import abstract_state, make_optimizer
-
     config, step = saved_config(workdir, step)
-    mesh_cfg = ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
-    mesh = make_mesh(mesh_cfg, jax.devices()[:1])
-    abstract, shardings = abstract_state(config, Model(config.model), make_optimizer(config), mesh)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    with _quiet_absl():
-        manager = _manager(workdir, read_only=True)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )
-    manager.close()
-    return config, restored["state"].params
+    return config, load_params(workdir, step, mesh)

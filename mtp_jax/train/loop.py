@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 
 from mtp_jax.config import ConfigDict, ConfigError
 from mtp_jax.distributed import barrier, topology
-from mtp_jax.model import Model, model_flops
+from mtp_jax.model.flops import model_flops
+from mtp_jax.model.model import Model
 from mtp_jax.sharding import (
     batch_sharding,
     check_sharded_enough,
     data_parallel_size,
     make_mesh,
+    with_shardings,
 )
 from mtp_jax.train.checkpoint import Checkpointer
 from mtp_jax.train.metrics import MetricWriter, eval_summary, train_summary
@@ -32,10 +34,6 @@ from mtp_jax.train.state import abstract_state, init_state, make_optimizer
 from mtp_jax.train.step import compile_steps
 
 log = logging.getLogger(__name__)
-
-
-# Test hook: seconds to sleep after each step, so that tests can signal a run mid-way.
-_STEP_DELAY_ENV = "MTP_JAX_TEST_STEP_DELAY"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -164,8 +162,13 @@ def train(
     devices: list | None = None,
     compile_only: bool = False,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one."""
+    """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
+
+    `on_step(step)` is called after every train step (after its metrics are queued, before
+    any checkpoint of that step): progress hooks, tests that signal a run mid-way.
+    """
     # ---- mesh
     mesh = make_mesh(config.mesh, devices)
     check_batch(config, mesh)
@@ -183,7 +186,9 @@ def train(
     model = Model(config.model)
     tx = make_optimizer(config)
     abstract, shardings = abstract_state(config, model, tx, mesh)
-    check_sharded_enough(abstract.params, shardings.params, mesh)
+    check_sharded_enough(
+        abstract.params, shardings.params, mesh, config.mesh.max_replicated_fraction
+    )
 
     # ---- compile before the loop
     start = time.perf_counter()
@@ -204,10 +209,7 @@ def train(
 
     # ---- restore or initialise
     checkpointer = Checkpointer(workdir, config)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    state, restored_step = checkpointer.restore(target, data_iter)
+    state, restored_step = checkpointer.restore(with_shardings(abstract, shardings), data_iter)
     if state is None:
         state = init_state(config, model, tx, shardings)
         log.info(
@@ -230,6 +232,7 @@ def train(
         memory,
         compile_seconds,
         progress,
+        on_step,
     )
     try:
         return _loop(run, state)
@@ -253,6 +256,7 @@ class _Run:
     memory: dict[str, int]
     compile_seconds: float
     progress: bool
+    on_step: Callable[[int], None] | None
 
 
 def _loop(run: _Run, state) -> TrainResult:
@@ -288,7 +292,6 @@ def _loop(run: _Run, state) -> TrainResult:
     )
     timer = time.perf_counter()
     timed_steps = 0
-    step_delay = float(os.environ.get(_STEP_DELAY_ENV, "0"))
 
     def check_finite():
         nonlocal last_checked
@@ -310,8 +313,8 @@ def _loop(run: _Run, state) -> TrainResult:
             timed_steps += 1
             pending.append(metrics)
             bar.update(1)
-            if step_delay:
-                time.sleep(step_delay)
+            if run.on_step is not None:
+                run.on_step(step)
             record: dict[str, float] = {}
 
             if step % t.log_every == 0 or step == t.steps:

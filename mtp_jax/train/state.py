@@ -12,8 +12,9 @@ import optax
 from jax.sharding import Mesh
 
 from mtp_jax.config import mtp_lambdas
-from mtp_jax.model import Model
-from mtp_jax.sharding import LOGICAL_RULES, logical_shardings
+from mtp_jax.model.model import Model
+from mtp_jax.sharding import LOGICAL_RULES, logical_shardings, with_shardings
+from mtp_jax.window import WindowSpec
 
 
 @flax.struct.dataclass
@@ -94,17 +95,29 @@ def _init_fn(model: Model, tx: optax.GradientTransformation, example: jax.Array)
 
 
 def abstract_state(config: Any, model: Model, tx: optax.GradientTransformation, mesh: Mesh):
-    """(abstract unboxed TrainState, its NamedShardings) without allocating anything."""
-    example = jnp.zeros((1, config.data.seq_len + config.model.mtp_depth), jnp.int32)
+    """(abstract unboxed TrainState, its NamedShardings) without allocating anything.
+
+    `sharding.with_shardings(*abstract_state(...))` is the sharded target that compiles and
+    restores take.
+    """
+    example = WindowSpec.from_config(config).example_input()
     boxed = jax.eval_shape(_init_fn(model, tx, example), jax.random.key(0))
     shardings = logical_shardings(boxed, mesh, LOGICAL_RULES)
     return nn.unbox(boxed), shardings
 
 
+def abstract_params(config: Any, mesh: Mesh) -> Any:
+    """The model's parameters as sharded `jax.ShapeDtypeStruct`s on `mesh` (as in training),
+    without an optimizer."""
+    model = Model(config.model)
+    example = WindowSpec.from_config(config).example_input()
+    boxed = jax.eval_shape(lambda key: model.init(key, example)["params"], jax.random.key(0))
+    return with_shardings(nn.unbox(boxed), logical_shardings(boxed, mesh, LOGICAL_RULES))
+
+
 def init_state(config: Any, model: Model, tx: optax.GradientTransformation, shardings: Any):
     """A fresh TrainState created directly in its shardings (never whole on one host)."""
-    example = jnp.zeros((1, config.data.seq_len + config.model.mtp_depth), jnp.int32)
-    init = _init_fn(model, tx, example)
+    init = _init_fn(model, tx, WindowSpec.from_config(config).example_input())
     return jax.jit(lambda key: nn.unbox(init(key)), out_shardings=shardings)(
         jax.random.key(config.seed)
     )

@@ -15,19 +15,67 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from mtp_jax.loss import DepthSums, draft_agreement, loss_and_metrics, mtp_targets
-from mtp_jax.model import Model
-from mtp_jax.sharding import LOGICAL_RULES, batch_sharding, replicated
+from mtp_jax.loss import (
+    DepthSums,
+    depth_weights,
+    draft_agreement,
+    mtp_targets,
+    weighted_cross_entropy,
+)
+from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.model import Model
+from mtp_jax.sharding import LOGICAL_RULES, batch_sharding, replicated, with_shardings
 from mtp_jax.train.state import TrainState, lambda_schedule, lr_schedule
+from mtp_jax.window import WindowSpec
 
 Batch = dict[str, jax.Array]
 
 
-def _split_microbatches(batch: Batch, n: int) -> Batch:
-    """[B, ...] -> [n, B/n, ...]: microbatch m holds rows m, m+n, ... of every data shard."""
-    return jax.tree.map(
-        lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch
+def _split_microbatches(tree: Any, n: int, axis: int = 0) -> Any:
+    """[..., B, ...] (batch on `axis`) -> [n, ..., B/n, ...]: microbatch m holds rows m, m+n,
+    ... of every data shard."""
+
+    def split(x):
+        x = jnp.moveaxis(x, axis, 0)
+        x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+        return jnp.moveaxis(x, 1, axis + 1)
+
+    return jax.tree.map(split, tree)
+
+
+def loss_and_metrics(
+    model: Model,
+    params: Any,
+    batch: Batch,
+    lambdas: jax.Array,
+    chunk_size: int = 0,
+    targets: tuple[jax.Array, jax.Array] | None = None,
+    counts: jax.Array | None = None,
+    with_pred: bool = True,
+) -> tuple[jax.Array, tuple[DepthSums, jax.Array | None, jax.Array]]:
+    """The training objective of one batch: the model's features and head, then the loss.
+
+    batch: {'tokens': [B, S+D+1] int32, 'segment_ids': [B, S+D+1] int32 (optional)};
+    targets: (targets, mask) [D+1, B, S] from `mtp_targets` when the caller has them already;
+    counts [D+1] overrides the loss denominators (the whole batch's, for microbatches).
+    Returns (loss, (sums, predictions [D+1, B, S] (None without `with_pred`), mask)).
+    """
+    tokens, seg = batch["tokens"], batch.get("segment_ids")
+    if targets is None:
+        targets = mtp_targets(tokens, seg, ModelConfig.from_any(model.config).mtp_depth)
+    target, mask = targets
+    hidden, head = model.apply(
+        {"params": params},
+        tokens[:, :-1],
+        None if seg is None else seg[:, :-1],
+        method="features_and_head",
     )
+    counts = mask.sum((1, 2)).astype(jnp.float32) if counts is None else counts
+    weights = depth_weights(lambdas, counts)
+    loss, sums, pred = weighted_cross_entropy(
+        hidden, head, target, mask, weights, chunk_size, with_pred
+    )
+    return loss, (sums, pred, mask)
 
 
 def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation):
@@ -44,28 +92,38 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         lambdas = lambdas_at(state.step)
-        # Whole-batch token counts per depth: every microbatch divides by these, so the
-        # accumulated gradient is exactly the full batch's.
-        _, mask = mtp_targets(batch["tokens"], batch.get("segment_ids"), depth)
-        counts = mask.sum((1, 2)).astype(jnp.float32)
+        # Targets and masks once per step. Whole-batch token counts per depth: every
+        # microbatch divides by these, so the accumulated gradient is exactly the full batch's.
+        targets = mtp_targets(batch["tokens"], batch.get("segment_ids"), depth)
+        counts = targets[1].sum((1, 2)).astype(jnp.float32)
 
         def grad_of(micro):
+            micro_batch, micro_targets = micro
+
             def loss_fn(params):
                 return loss_and_metrics(
-                    model, params, micro, lambdas, chunk, counts, with_pred=False
+                    model,
+                    params,
+                    micro_batch,
+                    lambdas,
+                    chunk,
+                    micro_targets,
+                    counts,
+                    with_pred=False,
                 )
 
             (loss, (sums, _, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             return loss, sums, grads
 
         if n_micro == 1:
-            loss, sums, grads = grad_of(batch)
+            loss, sums, grads = grad_of((batch, targets))
         else:
 
             def accumulate(carry, micro):
                 return jax.tree.map(jnp.add, carry, grad_of(micro)), None
 
-            micro = _split_microbatches(batch, n_micro)
+            # batch rows on axis 0, targets / masks [D+1, B, S] on axis 1
+            micro = (_split_microbatches(batch, n_micro), _split_microbatches(targets, n_micro, 1))
             first = grad_of(jax.tree.map(lambda x: x[0], micro))
             rest = jax.tree.map(lambda x: x[1:], micro)
             (loss, sums, grads), _ = jax.lax.scan(accumulate, first, rest)
@@ -134,16 +192,8 @@ def compile_steps(config: Any, model: Model, tx, mesh: Mesh, state_shardings: An
 
     Returns (train_step, eval_step) compiled executables.
     """
-    per_example = config.data.seq_len + config.model.mtp_depth + 1
-    batch_abstract = {
-        k: jax.ShapeDtypeStruct(
-            (config.data.batch_size, per_example), jnp.int32, sharding=batch_sharding(mesh)
-        )
-        for k in ("tokens", "segment_ids")
-    }
-    state_abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
-    )
+    batch_abstract = WindowSpec.from_config(config).abstract_batch(batch_sharding(mesh))
+    state_abstract = with_shardings(abstract, state_shardings)
     repl = replicated(mesh)
     bsh = {k: batch_sharding(mesh) for k in batch_abstract}
     train = jax.jit(

@@ -2,6 +2,11 @@
 
     mtp-generate --workdir runs/smoke --prompt "def main(" --max-new-tokens 64
     mtp-generate --workdir runs/smoke --prompt "import " --temperature 0.8 --top-p 0.95 --json
+    mtp-generate --workdir runs/big --prompt "x" --config.mesh.fsdp=4 --config.mesh.data=-1
+
+The parameters are loaded alone (no optimizer state) straight into their training shardings
+on the mesh of the saved config, or of `--config.mesh.*` overrides (the same keys as
+mtp-train's; the rest of the saved config is kept), and decoding runs on that mesh.
 
 Decoding is self-speculative (the MTP depths draft, the trunk verifies) unless the model has
 no MTP depths or `--no-speculative` is given; greedy output is identical either way.
@@ -20,7 +25,7 @@ import os
 import sys
 from typing import Any
 
-from mtp_jax.hostenv import reexec_with_tuned_malloc
+from mtp_jax.xla_cpu import reexec_with_tuned_malloc
 
 PROG = "mtp-generate"
 
@@ -41,18 +46,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--no-speculative", action="store_true", help="plain decoding with the trunk")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    args.overrides = []
+    for item in rest:
+        if not item.startswith("--config.mesh."):
+            p.error(
+                f"unrecognised argument {item!r} (only the mesh can be overridden here: "
+                "--config.mesh.data=..., --config.mesh.fsdp=..., --config.mesh.tensor=...)"
+            )
+        args.overrides.append(item)
+    return args
 
 
-def _load(workdir: str, step: int | None) -> tuple[Any, Any]:
-    """(config, params) of the checkpoint, or UsageError."""
+def _load(workdir: str, step: int | None, overrides: list[str]) -> tuple[Any, Any]:
+    """(config, params on the config's mesh) of the checkpoint, or UsageError."""
     if "://" not in workdir and not os.path.isdir(workdir):
         raise UsageError(f"workdir {workdir!r} does not exist")
-    from mtp_jax.train.checkpoint import CheckpointError, load_checkpoint
+    from mtp_jax.config import ConfigDict, ConfigError, apply_overrides, validate
+    from mtp_jax.sharding import make_mesh
+    from mtp_jax.train.checkpoint import CheckpointError, load_params, saved_config
 
     try:
-        return load_checkpoint(workdir, step=step)
-    except (CheckpointError, FileNotFoundError) as e:
+        config, step = saved_config(workdir, step)
+        config = ConfigDict(config.to_dict())
+        apply_overrides(config, overrides)
+        validate(config)
+        mesh = make_mesh(config.mesh, allow_subset=True)
+        return config, load_params(workdir, step, mesh)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
 
 
@@ -65,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the checkpoint, generates, and returns the JSON-able result."""
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    config, params = _load(args.workdir, args.step)
+    config, params = _load(args.workdir, args.step, args.overrides)
 
     import jax
     import numpy as np
@@ -95,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = fn(
             Model(config.model),
-            jax.device_get(params),
+            params,
             np.asarray([ids], np.int32),
             np.asarray([len(ids)], np.int32),
             max_new_tokens=args.max_new_tokens,
@@ -123,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def entry() -> int:
     """The `mtp-generate` console script: `main` in a process with tuned malloc (`hostenv`)."""
-    reexec_with_tuned_malloc()
+    reexec_with_tuned_malloc("mtp-generate")
     return main()
 
 
@@ -141,3 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(args.prompt + out["text"])
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

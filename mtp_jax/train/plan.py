@@ -18,7 +18,7 @@ v5p/v5e/v6e; libtpu lists v4 chips as two devices, so a v4 device is half a chip
 A step that does not fit HBM fails inside the TPU compiler ("Ran out of memory in memory
 space hbm"); the plan catches that and reports the compiler's own usage and shortfall.
 
-From the command line (the lead wires this into mtp-train):
+From the command line:
     mtp-train --config configs/tpu_7b.py --workdir /tmp/plan --compile_only --topology v5p:4x4x4
 Needs libtpu (`pip install 'mtp_jax[tpu]'`); it is only a compiler here, no TPU is used.
 """
@@ -30,7 +30,6 @@ import importlib.util
 import math
 import os
 import re
-import sys
 import time
 import warnings
 from typing import Any
@@ -39,7 +38,8 @@ import jax
 import numpy as np
 
 from mtp_jax.config import ConfigError
-from mtp_jax.model import Model, model_flops, param_count
+from mtp_jax.model.flops import model_flops, param_count
+from mtp_jax.model.model import Model
 from mtp_jax.sharding import make_mesh
 from mtp_jax.train.mfu import peak_for_kind
 
@@ -413,26 +413,16 @@ def plan(config: Any, topology: str) -> PlanReport:
     )
 
 
-def plan_main(config: Any, config_path: str, topology: str) -> int:
-    """`mtp-train --compile_only --topology NAME`: prints the plan; 0 fits, 1 not, 2 error."""
-    try:
-        report = plan(config, topology)
-    except ConfigError as e:
-        print(f"mtp-train: error: {e}", file=sys.stderr)
-        return 2
-    print(report.to_text())
+def plan_verdict(config: Any, config_path: str, report: PlanReport) -> str:
+    """One line: whether `config` fits the slice and, if not, what to try."""
+    need, hbm = _gib(report.total_bytes).strip(), _gib(report.hbm_bytes).strip()
     if report.fits:
-        print(
-            f"\n{config_path} fits {topology}: {_gib(report.total_bytes).strip()} of "
-            f"{_gib(report.hbm_bytes).strip()} per device"
-        )
-        return 0
-    print(
-        f"\n{config_path} does NOT fit {topology}: each device needs "
-        f"{_gib(report.total_bytes).strip()} of {_gib(report.hbm_bytes).strip()} HBM, short by "
-        f"{_gib(report.shortfall_bytes).strip()}. Try: {'; '.join(_remedies(config, report))}."
+        return f"{config_path} fits {report.topology}: {need} of {hbm} per device"
+    return (
+        f"{config_path} does NOT fit {report.topology}: each device needs {need} of {hbm} HBM, "
+        f"short by {_gib(report.shortfall_bytes).strip()}. "
+        f"Try: {'; '.join(_remedies(config, report))}."
     )
-    return 1
 
 
 def _remedies(config: Any, report: PlanReport) -> list[str]:

@@ -1,4 +1,8 @@
-"""`mtp-train --config configs/smoke.py --workdir DIR [--config.a.b=v ...] [--compile_only]`."""
+"""`mtp-train --config configs/smoke.py --workdir DIR [--config.a.b=v ...] [--compile_only]`.
+
+Also `python -m mtp_jax.cli.train ...`. Ends (unless --no_sample) by printing a short sample
+drawn with self-speculative decoding.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import sys
 
 from mtp_jax.config import ConfigError, load_config
-from mtp_jax.hostenv import reexec_with_tuned_malloc
+from mtp_jax.xla_cpu import reexec_with_tuned_malloc
 
 log = logging.getLogger("mtp_jax")
 
@@ -65,11 +69,13 @@ def parse_args(argv: list[str] | None):
 
 def entry() -> int:
     """The `mtp-train` console script: `main` in a process with tuned malloc (`hostenv`)."""
-    reexec_with_tuned_malloc()
+    reexec_with_tuned_malloc("mtp-train")
     return main()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_step=None) -> int:
+    """`mtp-train` in this process; returns the exit status (2: a usage, config or data
+    error; 3: a non-finite loss). `on_step(step)` is passed to `mtp_jax.train.train`."""
     args, overrides = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -89,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         if args.topology:
-            from mtp_jax.plan import plan_main
-
             return plan_main(config, args.config, args.topology)
         try:
             distributed.initialize(
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # missing multi-process flags: a usage error
             raise ConfigError(str(e)) from e
         os.makedirs(args.workdir, exist_ok=True)
-        result = train(config, args.workdir, compile_only=args.compile_only)
+        result = train(config, args.workdir, compile_only=args.compile_only, on_step=on_step)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"mtp-train: error: {e}", file=sys.stderr)
         return 2
@@ -173,3 +177,21 @@ def _print_sample(config, params, seed: int = 0) -> None:
             f"----- drafts accepted per MTP depth: [{acc}]; "
             f"tokens per trunk step: {out.stats['mean_accepted']:.2f}"
         )
+
+
+def plan_main(config, config_path: str, topology: str) -> int:
+    """`mtp-train --compile_only --topology NAME`: prints the plan; 0 fits, 1 not, 2 error."""
+    from mtp_jax.train.plan import plan, plan_verdict
+
+    try:
+        report = plan(config, topology)
+    except ConfigError as e:
+        print(f"mtp-train: error: {e}", file=sys.stderr)
+        return 2
+    print(report.to_text())
+    print("\n" + plan_verdict(config, config_path, report))
+    return 0 if report.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

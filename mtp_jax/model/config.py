@@ -1,0 +1,119 @@
+"""`ModelConfig`: the one declaration of the model's settings.
+
+Each field carries its default, a one-line meaning and its check. The `model` section of the
+config files (`mtp_jax.config.base_config`), the validation of `model.*` keys and the frozen,
+hashable object the modules read all come from this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mtp_jax.checks import Check, boolean, choice, fail, integer, number
+
+DTYPES = ("float32", "bfloat16", "float16")  # names of jax.numpy dtypes (no jax import here)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MTP_LAYOUTS = ("sequential", "parallel")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def setting(default: Any, doc: str, check: Check) -> Any:
+    """A declared setting: its default, what it means, and its check."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's hyperparameters (the `model.*` config keys), frozen and hashable."""
+
+    vocab_size: int = setting(
+        259, "rows of the embedding; >= the tokenizer's vocab (padding allowed)", integer(2)
+    )
+    d_model: int = setting(128, "E, the residual width", integer(1))
+    n_layers: int = setting(2, "trunk transformer blocks (scanned)", integer(1))
+    n_heads: int = setting(4, "query heads N", integer(1))
+    n_kv_heads: int = setting(2, "key/value heads K (GQA); must divide n_heads", integer(1))
+    head_dim: int = setting(32, "H, width of each head (even: rotary pairs)", integer(2))
+    mlp_dim: int = setting(384, "F, hidden width of the SwiGLU MLP", integer(1))
+    mtp_depth: int = setting(
+        2, "D, MTP depths beyond the next-token head (0 = plain next-token model)", integer(0, 16)
+    )
+    mtp_layout: str = setting(
+        "sequential",
+        "'sequential' (DeepSeek-V3 chain) or 'parallel' (Meta heads)",
+        choice(MTP_LAYOUTS),
+    )
+    dtype: str = setting("float32", "compute dtype of activations and matmuls", choice(DTYPES))
+    param_dtype: str = setting("float32", "storage dtype of parameters", choice(DTYPES))
+    rope_theta: float = setting(10_000.0, "RoPE base frequency", number(0, open_lo=True))
+    norm_eps: float = setting(1e-6, "RMSNorm epsilon", number(0, open_lo=True))
+    tie_embeddings: bool = setting(
+        True, "output head = embedding transposed (else a separate matrix)", boolean()
+    )
+    remat_policy: str = setting(
+        "none",
+        "activation checkpointing per block: none | full | dots | dots_no_batch",
+        choice(REMAT_POLICIES),
+    )
+    scan_layers: bool = setting(
+        True, "stack trunk blocks with nn.scan (fast compiles); False = unrolled", boolean()
+    )
+    scan_unroll: int = setting(
+        0, "layers (and MTP depths) per scan loop trip; 0 = auto: all on CPU, else 1", integer(0)
+    )
+    init_std: float = setting(
+        0.02, "stddev of the normal initialiser of weight matrices", number(0, open_lo=True)
+    )
+    attention_impl: str = setting(
+        "auto",
+        "attention kernel: auto (cuDNN on GPUs when possible) | xla | cudnn",
+        choice(ATTENTION_IMPLS),
+    )
+
+    @classmethod
+    def from_any(cls, config: Any) -> ModelConfig:
+        """Accepts a ModelConfig, a `config.model` ConfigDict or a plain dict."""
+        if isinstance(config, cls):
+            return config
+        values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def declared(cls) -> dict[str, dataclasses.Field]:
+        """name -> field (default, metadata 'doc' and 'check') of every setting."""
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {name: f.default for name, f in cls.declared().items()}
+
+    @classmethod
+    def validate(cls, values: dict[str, Any], prefix: str = "model.") -> None:
+        """Checks every value and the relations between them; raises ConfigError naming the key."""
+        for name, f in cls.declared().items():
+            ok, accepted = f.metadata["check"]
+            if name in values and not ok(values[name]):
+                fail(prefix + name, values[name], accepted)
+        v = {**cls.defaults(), **values}
+        if v["n_heads"] % v["n_kv_heads"]:
+            fail(
+                prefix + "n_kv_heads",
+                v["n_kv_heads"],
+                f"a divisor of {prefix}n_heads={v['n_heads']} (grouped-query attention)",
+            )
+        if v["head_dim"] % 2:
+            fail(prefix + "head_dim", v["head_dim"], "an even number (rotary embedding pairs)")
+
+    @property
+    def compute_dtype(self) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.param_dtype)
