@@ -52,8 +52,8 @@ import jax
 import numpy as np
 
 import mtp_jax
-from mtp_jax.hostenv import reexec_with_tuned_malloc
 from mtp_jax.inference import generate, speculative_generate
+from mtp_jax.xla_cpu import reexec_with_tuned_malloc
 
 SMOKE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
@@ -236,5 +236,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/hostenv.py)
+    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/xla_cpu.py)
     main()

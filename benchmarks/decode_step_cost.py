@@ -22,8 +22,8 @@ import numpy as np
 from decode import sliced, smoke_config  # benchmarks/decode.py, next to this script
 
 import mtp_jax
-from mtp_jax.hostenv import reexec_with_tuned_malloc
 from mtp_jax.inference import generate, speculative_generate
+from mtp_jax.xla_cpu import reexec_with_tuned_malloc
 
 
 def model_and_params(width: int, layers: int, depth: int, prompt: int):
@@ -77,5 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_tuned_malloc()  # as mtp-generate runs (mtp_jax/hostenv.py)
+    reexec_with_tuned_malloc()  # as mtp-generate runs (mtp_jax/xla_cpu.py)
     main()

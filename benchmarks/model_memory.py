@@ -22,13 +22,13 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 
 from mtp_jax.config import load_config
 from mtp_jax.model import Model, model_flops
-from mtp_jax.sharding import batch_sharding, make_mesh, replicated
+from mtp_jax.sharding import batch_sharding, make_mesh, replicated, with_shardings
 from mtp_jax.train.state import abstract_state, make_optimizer
 from mtp_jax.train.step import make_train_step, mesh_context
+from mtp_jax.window import WindowSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,15 +61,9 @@ def compile_train_step(config):
     model = Model(config.model)
     tx = make_optimizer(config)
     abstract, shardings = abstract_state(config, model, tx, mesh)
-    width = config.data.seq_len + config.model.mtp_depth + 1
     bsh = batch_sharding(mesh)
-    batch = {
-        k: jax.ShapeDtypeStruct((config.data.batch_size, width), jnp.int32, sharding=bsh)
-        for k in ("tokens", "segment_ids")
-    }
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    batch = WindowSpec.from_config(config).abstract_batch(bsh)
+    state = with_shardings(abstract, shardings)
     step = jax.jit(
         make_train_step(config, model, tx),
         in_shardings=(shardings, {k: bsh for k in batch}),

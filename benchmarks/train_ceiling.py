@@ -37,13 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from train_throughput import CONFIGS, make_config
 
-from mtp_jax.hostenv import reexec_with_tuned_malloc
 from mtp_jax.loss import _fused_chunk
-from mtp_jax.model import Model, model_flops
-from mtp_jax.model.layers import ModelConfig, transposed
+from mtp_jax.model import Model, ModelConfig, model_flops
 from mtp_jax.train.mfu import measured_peak
 from mtp_jax.train.state import TrainState, make_optimizer
 from mtp_jax.train.step import apply_gradients
+from mtp_jax.window import WindowSpec
+from mtp_jax.xla_cpu import reexec_with_tuned_malloc, transposed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ def optimizer_time(config, repeats: int) -> float:
     """Seconds of the optimizer step (`apply_gradients`) on the config's real parameters."""
     model = Model(config.model)
     tx = make_optimizer(config)
-    example = jnp.zeros((1, config.data.seq_len + config.model.mtp_depth), jnp.int32)
+    example = WindowSpec.from_config(config).example_input()
     params = jax.jit(lambda key: nn.unbox(model.init(key, example)["params"]))(jax.random.key(0))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
@@ -261,5 +261,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/hostenv.py)
+    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/xla_cpu.py)
     main()

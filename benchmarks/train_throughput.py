@@ -36,16 +36,16 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import apply_overrides, base_config, validate
-from mtp_jax.hostenv import reexec_with_tuned_malloc
 from mtp_jax.model import Model, model_flops
-from mtp_jax.sharding import batch_sharding, make_mesh, replicated
+from mtp_jax.sharding import batch_sharding, make_mesh, replicated, with_shardings
 from mtp_jax.train.mfu import measured_peak
 from mtp_jax.train.state import abstract_state, init_state, make_optimizer
 from mtp_jax.train.step import make_train_step, mesh_context
+from mtp_jax.window import WindowSpec
+from mtp_jax.xla_cpu import reexec_with_tuned_malloc
 
 MODEL = dict(
     vocab_size=32_000,
@@ -90,14 +90,10 @@ def build(config):
     tx = make_optimizer(config)
     abstract, shardings = abstract_state(config, model, tx, mesh)
     bsh = batch_sharding(mesh)
-    width = config.data.seq_len + config.model.mtp_depth + 1
-    shape = (config.data.batch_size, width)
-    batch_abstract = {
-        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh) for k in ("tokens", "segment_ids")
-    }
-    state_abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    spec = WindowSpec.from_config(config)
+    shape = (spec.batch_size, spec.length)
+    batch_abstract = spec.abstract_batch(bsh)
+    state_abstract = with_shardings(abstract, shardings)
     step = jax.jit(
         make_train_step(config, model, tx),
         in_shardings=(shardings, {k: bsh for k in batch_abstract}),
@@ -310,5 +306,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/hostenv.py)
+    reexec_with_tuned_malloc()  # huge-page malloc, as mtp-train runs (mtp_jax/xla_cpu.py)
     main()

@@ -9,7 +9,7 @@
 #   launch/local.sh configs/gpu_125m.py runs/125m --compile_only
 # Any other mtp-train flag (--compile_only, --no_sample, ...) is passed through.
 # --dry-run prints the command instead of running it.
-# Environment: MTP_TRAIN (default `mtp-train`; e.g. "python -m mtp_jax.train").
+# Environment: MTP_TRAIN (default `mtp-train`; e.g. "python -m mtp_jax.cli.train").
 set -euo pipefail
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax import xla_cpu
+from mtp_jax.window import WindowSpec
 
 Array = jax.Array
 
@@ -48,9 +49,7 @@ def mtp_targets(tokens: Array, segment_ids: Array | None, depth: int) -> tuple[A
     targets[k, b, i] = tokens[b, i+k+1]; mask[k, b, i] is False when that token lies in a
     later document than position i (segment id 0 marks padding and is always masked).
     """
-    seq = tokens.shape[1] - depth - 1
-    if seq < 1:
-        raise ValueError(f"windows of length {tokens.shape[1]} are too short for D={depth}")
+    seq = WindowSpec.of_window(tokens.shape[1], depth).seq_len
     targets = jnp.stack([tokens[:, k + 1 : seq + k + 1] for k in range(depth + 1)])
     if segment_ids is None:
         return targets.astype(jnp.int32), jnp.ones(targets.shape, bool)

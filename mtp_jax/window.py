@@ -26,6 +26,14 @@ class WindowSpec:
     def from_config(cls, config: Any) -> WindowSpec:
         return cls(config.data.seq_len, config.model.mtp_depth, config.data.batch_size)
 
+    @classmethod
+    def of_window(cls, length: int, mtp_depth: int) -> WindowSpec:
+        """The spec whose windows hold `length` tokens: S = length - D - 1 (ValueError if < 1)."""
+        seq = length - mtp_depth - 1
+        if seq < 1:
+            raise ValueError(f"windows of length {length} are too short for D={mtp_depth}")
+        return cls(seq, mtp_depth)
+
     @property
     def length(self) -> int:
         """Tokens per window: S + D + 1."""

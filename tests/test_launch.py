@@ -298,7 +298,7 @@ def test_multiprocess_local_trains_two_processes(tmp_path, code_store):
         tmp_path / "w",
         *overrides,
         "--no_sample",
-        env={"MTP_TRAIN": f"{shlex.quote(sys.executable)} -m mtp_jax.train"},
+        env={"MTP_TRAIN": f"{shlex.quote(sys.executable)} -m mtp_jax.cli.train"},
         timeout=600,
         check=False,
     )

@@ -1,7 +1,7 @@
 """Resume after SIGKILL is bit-identical; SIGTERM saves the current step and exits cleanly.
 
-Real `python -m mtp_jax.train` processes; a test hook slows each step so that a signal can
-land mid-run.
+Real mtp-train processes (`tests/slow_train.py`: `mtp_jax.cli.train.main` with an `on_step`
+callback that slows each step, so that a signal can land mid-run).
 """
 
 import json

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def entry() -> int:
-    """The `mtp-generate` console script: `main` in a process with tuned malloc (`hostenv`)."""
+    """The `mtp-generate` console script: `main` in a process with tuned malloc (`xla_cpu`)."""
     reexec_with_tuned_malloc("mtp-generate")
     return main()
 

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None):
 
 
 def entry() -> int:
-    """The `mtp-train` console script: `main` in a process with tuned malloc (`hostenv`)."""
+    """The `mtp-train` console script: `main` in a process with tuned malloc (`xla_cpu`)."""
     reexec_with_tuned_malloc("mtp-train")
     return main()
 
