@@ -317,6 +317,12 @@ def validate(config: ConfigDict) -> None:
             lo.mtp_lambda_per_depth,
             f"exactly model.mtp_depth={m.mtp_depth} weights, or an empty tuple",
         )
+    if m.attention_impl == "splash" and d.seq_len % 128:
+        fail(
+            "model.attention_impl",
+            m.attention_impl,
+            f"'splash' only with data.seq_len a multiple of 128 (it is {d.seq_len}); or 'auto'",
+        )
     if lo.chunk_size and d.seq_len % lo.chunk_size:
         fail(
             "loss.chunk_size",

@@ -4,6 +4,7 @@ These tests need libtpu (the TPU compiler; no TPU is used). It comes with the te
 on a machine without it they skip, unless MTP_JAX_REQUIRE_LIBTPU=1 makes that a failure.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -176,3 +177,98 @@ def test_hbm_table_by_device_kind():
     assert plan_mod.hbm_per_chip("TPU v4") == 32 * GiB
     assert plan_mod.hbm_per_chip("TPU v6 lite") == 32 * GiB
     assert plan_mod.hbm_per_chip("NVIDIA H100") is None
+
+
+# --------------------------------------------------------------------------- the roofline
+
+
+@needs_libtpu
+def test_roofline_in_the_plan_json_equals_a_hand_computation(smoke_report, tmp_path):
+    """--plan_json's roofline from its own cost-analysis figures and the chip table."""
+    d = json.loads(json.dumps(smoke_report.to_dict()))
+    for key in (
+        "fits",
+        "bytes_per_chip",
+        "hbm_per_chip",
+        "flops_per_step",
+        "bytes_accessed",
+        "roofline_step_seconds",
+        "mfu_bound",
+        "attention_impl",
+    ):
+        assert key in d, key
+    assert d["attention_impl"] == "splash"  # auto on a TPU slice, S=128
+    assert d["hbm_bandwidth"] == plan_mod.HBM_BANDWIDTH_PER_CHIP["TPU v5p"]
+    per_device_model = d["model_flops"] / d["num_devices"]
+    assert d["flops_per_step"] == max(d["compiled_flops"], per_device_model)
+    assert d["flops_source"] == "model_flops"  # the compiled count misses the scanned layers
+    assert d["bytes_accessed"] > 0
+    want = max(d["flops_per_step"] / 459e12, d["bytes_accessed"] / 2765e9)
+    assert math.isclose(d["roofline_step_seconds"], want, rel_tol=1e-12)
+    assert math.isclose(d["mfu_bound"], per_device_model / 459e12 / want, rel_tol=1e-12)
+    assert 0 < d["mfu_bound"] <= 1
+    assert d["bytes_per_chip"] == d["total_bytes"] and d["hbm_per_chip"] == 95 * GiB
+    assert "roofline" in smoke_report.to_text() and "MFU at most" in smoke_report.to_text()
+
+
+def test_roofline_takes_the_higher_flop_count():
+    r = plan_mod.roofline(2e9, 1e9, 4e9, 1e12, 2e12)
+    assert r["flops_source"] == "compiled" and r["flops_per_step"] == 2e9
+    assert math.isclose(r["roofline_step_seconds"], 2e-3)  # memory-bound: 4e9 / 2e12
+    assert math.isclose(r["mfu_bound"], 1e9 / 1e12 / 2e-3)
+    r = plan_mod.roofline(1e9, 3e9, 1e6, 1e12, 2e12)
+    assert r["flops_source"] == "model_flops" and math.isclose(r["roofline_step_seconds"], 3e-3)
+
+
+TINY_PLAN = [
+    "model.d_model=64",
+    "model.n_layers=1",
+    "model.mlp_dim=128",
+    "model.mtp_depth=1",
+    "data.batch_size=8",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
+]
+
+
+@needs_libtpu
+def test_search_ranks_candidates_and_marks_those_that_do_not_fit(monkeypatch, capsys):
+    config = load_config(SMOKE, TINY_PLAN)
+    found = plan_mod.search(config, "v5p:2x2x1", limit=3)
+    assert len(found) == 3 and all(c.report is not None for c in found)
+    assert all(c.report.fits for c in found)
+    times = [c.report.roofline_step_seconds for c in found]
+    assert times == sorted(times) and times[0] > 0
+    assert len({tuple(sorted(c.overrides.items())) for c in found}) == 3  # distinct layouts
+
+    # The best candidate, were it too big, drops below every candidate that fits.
+    def layout(o):
+        return (o["mesh.fsdp"], o["mesh.tensor"], o["model.remat_policy"], o["train.microbatches"])
+
+    reports = {layout(c.overrides): c.report for c in found}
+    reports[layout(found[0].overrides)] = dataclasses.replace(
+        found[0].report, fits=False, shortfall_bytes=GiB
+    )
+
+    def replay(c, topology):  # the plans above again, without compiling
+        return reports[(c.mesh.fsdp, c.mesh.tensor, c.model.remat_policy, c.train.microbatches)]
+
+    monkeypatch.setattr(plan_mod, "plan", replay)
+    again = plan_mod.search(config, "v5p:2x2x1", limit=3)
+    assert [c.report.fits for c in again] == [True, True, False]
+    table = plan_mod.search_table(again)
+    assert table.splitlines()[-1].split("|")[5].strip().startswith("NO")
+
+
+@needs_libtpu
+def test_mtp_plan_cli_writes_the_plan_json(tmp_path, capsys):
+    from mtp_jax.cli.plan import main as plan_cli
+
+    out = tmp_path / "plan.json"
+    code = plan_cli(
+        ["--config", SMOKE, "--topology", "v5p:2x2x1", "--plan_json", str(out)]
+        + [f"--config.{o}" for o in TINY_PLAN]
+    )
+    assert code == 0
+    assert json.loads(out.read_text())["fits"] is True
+    assert "MFU at most" in capsys.readouterr().out

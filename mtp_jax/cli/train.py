@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None):
         "with libtpu; needs the [tpu] extra)",
     )
     parser.add_argument(
+        "--plan_json", help="with --compile_only --topology: also write the plan as JSON"
+    )
+    parser.add_argument(
         "--no_sample", action="store_true", help="do not print a generated sample at the end"
     )
     parser.add_argument("--log_level", default="INFO")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     try:
         config = load_config(args.config, overrides)
         if args.topology:
-            return plan_main(config, args.config, args.topology)
+            return plan_main(config, args.config, args.topology, args.plan_json)
         try:
             distributed.initialize(
                 args.coordinator_address,
@@ -179,8 +182,9 @@ def _print_sample(config, params, seed: int = 0) -> None:
         )
 
 
-def plan_main(config, config_path: str, topology: str) -> int:
-    """`mtp-train --compile_only --topology NAME`: prints the plan; 0 fits, 1 not, 2 error."""
+def plan_main(config, config_path: str, topology: str, plan_json: str | None = None) -> int:
+    """`mtp-train --compile_only --topology NAME [--plan_json F]`: prints the plan (and writes
+    it as JSON); 0 fits, 1 not, 2 error. `mtp-plan` is the same with a layout search."""
     from mtp_jax.train.plan import plan, plan_verdict
 
     try:
@@ -190,6 +194,9 @@ def plan_main(config, config_path: str, topology: str) -> int:
         return 2
     print(report.to_text())
     print("\n" + plan_verdict(config, config_path, report))
+    if plan_json:
+        with open(plan_json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
     return 0 if report.fits else 1
 
 

@@ -15,7 +15,7 @@ from mtp_jax.checks import Check, boolean, choice, fail, integer, number
 DTYPES = ("float32", "bfloat16", "float16")  # names of jax.numpy dtypes (no jax import here)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MTP_LAYOUTS = ("sequential", "parallel")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 def setting(default: Any, doc: str, check: Check) -> Any:
@@ -67,7 +67,8 @@ class ModelConfig:
     )
     attention_impl: str = setting(
         "auto",
-        "attention kernel: auto (cuDNN on GPUs when possible) | xla | cudnn",
+        "attention kernel: auto (splash on TPUs, cuDNN on GPUs when possible) | xla | cudnn | "
+        "splash (Pallas TPU kernel; sequence a multiple of 128)",
         choice(ATTENTION_IMPLS),
     )
 

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 from mtp_jax import xla_cpu
 from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.splash import splash_attention
+from mtp_jax.model.splash import supports as splash_supports
 
 Array = jax.Array
 
@@ -162,18 +164,33 @@ class Attention(nn.Module):
             slots = jnp.arange(k.shape[1])
             mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
             is_causal = False
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal, implementation=_impl(cfg, mask)
-        )
+        impl = attention_impl(cfg, q.shape[1], cached=cache is not None, masked=mask is not None)
+        if impl == "splash":
+            out = splash_attention(q, k, v, segment_ids)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=is_causal, implementation=impl
+            )
         out = proj("out", (n, h, e), ("heads", "kv", "embed"), out, contract=2)
         return out, new_cache
 
 
-def _impl(cfg: ModelConfig, mask: Array | None) -> str:
-    # cuDNN's fused kernel takes no dense mask (packed documents, KV caches): XLA there.
-    if mask is not None or cfg.attention_impl == "xla":
+def attention_impl(cfg: ModelConfig, seq_len: int, cached: bool, masked: bool) -> str:
+    """The attention kernel for one call: 'splash' (Pallas, TPU), 'cudnn' or 'xla'.
+
+    `model.attention_impl` auto picks splash when compiling for TPUs (the current mesh's
+    platform, so AOT plans for a slice count) for training forwards whose length the kernel
+    takes, cuDNN on GPUs when no dense mask is needed, else XLA. Decoding (`cached`) always
+    runs XLA: its queries attend to a cache, not a causal square.
+    """
+    choice = cfg.attention_impl
+    platform = xla_cpu.compile_platform()
+    if cached or choice == "xla":
         return "xla"
-    if cfg.attention_impl == "cudnn" or jax.default_backend() == "gpu":
+    if choice == "splash" or (choice == "auto" and platform == "tpu" and splash_supports(seq_len)):
+        return "splash"
+    # cuDNN's fused kernel takes no dense mask (packed documents): XLA there.
+    if not masked and (choice == "cudnn" or (choice == "auto" and platform == "gpu")):
         return "cudnn"
     return "xla"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import math
 import os
 import re
@@ -38,7 +39,9 @@ import jax
 import numpy as np
 
 from mtp_jax.config import ConfigError
+from mtp_jax.model.config import ModelConfig
 from mtp_jax.model.flops import model_flops, param_count
+from mtp_jax.model.layers import attention_impl
 from mtp_jax.model.model import Model
 from mtp_jax.sharding import make_mesh
 from mtp_jax.train.mfu import peak_for_kind
@@ -55,6 +58,17 @@ HBM_BYTES_PER_CHIP = {
     "TPU v5p": 95 * GiB,
     "TPU v6 lite": 32 * GiB,
     "TPU v6e": 32 * GiB,
+}
+
+# HBM bandwidth per chip (bytes/s), from the TPU system docs; same prefix rule.
+HBM_BANDWIDTH_PER_CHIP = {
+    "TPU v4": 1228e9,
+    "TPU v5 lite": 819e9,
+    "TPU v5e": 819e9,
+    "TPU v5": 2765e9,
+    "TPU v5p": 2765e9,
+    "TPU v6 lite": 1640e9,
+    "TPU v6e": 1640e9,
 }
 
 TOPOLOGY_EXAMPLES = (
@@ -111,6 +125,13 @@ class PlanReport:
     step_time_100: float  # seconds per step at 100% MFU
     step_time_50: float  # seconds per step at 50% MFU
     compile_seconds: float
+    attention_impl: str = "xla"  # the trunk's training attention: 'splash' (Pallas) or 'xla'
+    bytes_accessed: float = 0.0  # per device, from cost_analysis (scan bodies counted once)
+    hbm_bandwidth: float = 0.0  # bytes/s per device (chip table)
+    flops_per_step: float = 0.0  # per device: what the roofline uses (see flops_source)
+    flops_source: str = ""  # 'compiled' or 'model_flops' (when the compiled count is lower)
+    roofline_step_seconds: float = 0.0  # max(flops / peak, bytes / bandwidth): a lower bound
+    mfu_bound: float = 0.0  # model FLOPs per device / peak / roofline step time: an upper bound
     compiler_message: str = ""  # the TPU compiler's out-of-memory message, if it failed
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -118,10 +139,21 @@ class PlanReport:
     def devices_per_chip(self) -> int:
         return max(self.num_devices // max(self.num_chips, 1), 1)
 
+    @property
+    def bytes_per_chip(self) -> int:
+        return self.total_bytes * self.devices_per_chip
+
+    @property
+    def hbm_per_chip(self) -> int:
+        return self.hbm_bytes * self.devices_per_chip
+
     def to_dict(self) -> dict[str, Any]:
-        """All fields plus `devices_per_chip`, JSON-serialisable."""
+        """All fields plus `devices_per_chip`, `bytes_per_chip` and `hbm_per_chip`,
+        JSON-serialisable (what `--plan_json` writes)."""
         out = dataclasses.asdict(self)
         out["devices_per_chip"] = self.devices_per_chip
+        out["bytes_per_chip"] = self.bytes_per_chip
+        out["hbm_per_chip"] = self.hbm_per_chip
         return out
 
     def to_text(self) -> str:
@@ -168,6 +200,13 @@ class PlanReport:
                 f"{tokens / self.step_time_50:,.0f}" if self.step_time_50 else "-",
             ),
             ("compile time", f"{self.compile_seconds:.1f} s"),
+            ("", ""),
+            ("roofline per device", f"(attention: {self.attention_impl})"),
+            ("  FLOPs", f"{self.flops_per_step:.4g} ({self.flops_source})"),
+            ("  bytes accessed", f"{self.bytes_accessed:.4g} (compiled; scan bodies once)"),
+            ("  HBM bandwidth", f"{self.hbm_bandwidth / 1e9:,.0f} GB/s"),
+            ("  step time at least", _seconds(self.roofline_step_seconds)),
+            ("  MFU at most", f"{100 * self.mfu_bound:.1f}%" if self.mfu_bound else "-"),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}".rstrip() for k, v in rows]
@@ -328,6 +367,11 @@ def plan(config: Any, topology: str) -> PlanReport:
 
     batch, seq = config.data.batch_size, config.data.seq_len
     flops_model = model_flops(config) * batch * seq
+    bandwidth = (_prefix_lookup(HBM_BANDWIDTH_PER_CHIP, kind) or 0.0) / per_chip
+    with jax.set_mesh(mesh):  # what the compiled trunk's attention will be on this slice
+        attention = attention_impl(
+            ModelConfig.from_any(config.model), seq, cached=False, masked=True
+        )
     step_100 = flops_model / (peak * len(devices)) if peak else 0.0
 
     start = time.perf_counter()
@@ -355,6 +399,7 @@ def plan(config: Any, topology: str) -> PlanReport:
         cost = train_c.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         compiled_flops = float((cost or {}).get("flops", 0.0))
+        bytes_accessed = float((cost or {}).get("bytes accessed", 0.0))
         arg, out, alias = mem["argument_bytes"], mem["output_bytes"], mem["alias_bytes"]
         temp = mem["temp_bytes"]
         total = arg + out - alias + temp + code
@@ -376,12 +421,20 @@ def plan(config: Any, topology: str) -> PlanReport:
         total = max(total, hbm + 1)
         shortfall = total - hbm
         arg, out, alias, code = state_bytes, 0, 0, 0
-        compiled_flops = 0.0
+        compiled_flops = bytes_accessed = 0.0
         notes.append(
             "the TPU compiler stopped at its memory check: the sizes above are the state's "
             "shards plus the compiler's figure; the real need may be larger"
         )
 
+    roof = roofline(compiled_flops, flops_model / len(devices), bytes_accessed, peak, bandwidth)
+    if roof["flops_source"] == "model_flops":
+        notes.append(
+            "roofline FLOPs from model_flops: the compiled count is lower (XLA counts a scan "
+            "body once"
+            + (", and not the splash kernel's FLOPs at all" if attention == "splash" else "")
+            + ")"
+        )
     return PlanReport(
         topology=topology,
         device_kind=kind,
@@ -410,7 +463,36 @@ def plan(config: Any, topology: str) -> PlanReport:
         compile_seconds=compile_seconds,
         compiler_message=compiler_message,
         notes=notes,
+        attention_impl=attention,
+        bytes_accessed=bytes_accessed,
+        hbm_bandwidth=bandwidth,
+        **roof,
     )
+
+
+def roofline(
+    compiled_flops: float, model_flops: float, bytes_accessed: float, peak: float, bandwidth: float
+) -> dict[str, Any]:
+    """The step-time lower bound and MFU upper bound of one device.
+
+    FLOPs are the compiled count unless the model's own count (`model_flops`, per device) is
+    higher: XLA's cost analysis counts a scan body once and never sees inside Pallas kernels.
+    step >= max(FLOPs / peak, bytes accessed / HBM bandwidth); MFU <= (model FLOPs / peak) /
+    that step time.
+    """
+    flops, source = compiled_flops, "compiled"
+    if model_flops > compiled_flops:
+        flops, source = model_flops, "model_flops"
+    compute = flops / peak if peak else 0.0
+    memory = bytes_accessed / bandwidth if bandwidth else 0.0
+    step = max(compute, memory)
+    mfu = (model_flops / peak) / step if peak and step else 0.0
+    return {
+        "flops_per_step": flops,
+        "flops_source": source,
+        "roofline_step_seconds": step,
+        "mfu_bound": mfu,
+    }
 
 
 def plan_verdict(config: Any, config_path: str, report: PlanReport) -> str:
@@ -436,3 +518,100 @@ def _remedies(config: Any, report: PlanReport) -> list[str]:
     out.append(f"a smaller data.batch_size (now {config.data.batch_size})")
     out.append("a bigger slice")
     return out
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One layout tried by `search`: its overrides and its plan (None if it failed)."""
+
+    overrides: dict[str, Any]
+    report: PlanReport | None
+    error: str = ""
+
+
+def candidate_overrides(config: Any, num_devices: int, limit: int = 12) -> list[dict[str, Any]]:
+    """A small set of layouts for `num_devices` devices: (fsdp, tensor) splits of the slice
+    (tensor dividing the key/value heads) x remat policies x microbatches that divide the
+    batch, ordered by how many settings differ from the config's own (so that a short list
+    still varies every setting). At most `limit`."""
+    m, batch = config.model, config.data.batch_size
+    tensors = [t for t in (1, 2, 4, 8) if num_devices % t == 0 and m.n_kv_heads % t == 0]
+    remats = list(dict.fromkeys([m.remat_policy, "dots_no_batch", "full"]))
+    micros = [
+        n
+        for n in dict.fromkeys([config.train.microbatches, 1, 2, 4])
+        if batch % n == 0 and (batch // n) % num_devices == 0
+    ] or [config.train.microbatches]
+    own = {
+        "mesh.tensor": config.mesh.tensor if config.mesh.tensor > 0 else None,
+        "model.remat_policy": m.remat_policy,
+        "train.microbatches": config.train.microbatches,
+    }
+    out = [
+        {
+            "mesh.data": 1,
+            "mesh.fsdp": num_devices // tensor,
+            "mesh.tensor": tensor,
+            "model.remat_policy": remat,
+            "train.microbatches": micro,
+        }
+        for remat, micro, tensor in itertools.product(remats, micros, tensors)
+    ]
+    out.sort(key=lambda o: sum(o[k] != v for k, v in own.items()))  # stable: keeps the order
+    return out[:limit]
+
+
+def search(config: Any, topology: str, limit: int = 12, progress: Any = None) -> list[Candidate]:
+    """Plans each of `candidate_overrides` on the slice; returns them ranked: those that fit
+    by roofline step time, then those that do not (by memory), then failures."""
+    from mtp_jax.config import ConfigDict, validate
+
+    devices = topology_devices(topology)
+    found = []
+    for overrides in candidate_overrides(config, len(devices), limit):
+        c = ConfigDict(config.to_dict())
+        for key, value in overrides.items():
+            section, leaf = key.split(".")
+            c[section][leaf] = value
+        try:
+            validate(c)
+            found.append(Candidate(overrides, plan(c, topology)))
+        except ConfigError as e:
+            found.append(Candidate(overrides, None, str(e)))
+        if progress is not None:
+            progress(found[-1])
+
+    def rank(c: Candidate):
+        r = c.report
+        if r is None:
+            return (2, 0.0)
+        return (0, r.roofline_step_seconds) if r.fits else (1, r.total_bytes)
+
+    return sorted(found, key=rank)
+
+
+def search_table(candidates: list[Candidate]) -> str:
+    """The ranked candidates as a markdown table."""
+    rows = [
+        "| rank | mesh (data x fsdp x tensor) | remat | microbatches | fits | GiB per chip "
+        "| step >= | MFU <= | compile s |",
+        "|---:|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for i, c in enumerate(candidates, start=1):
+        o = c.overrides
+        mesh = f"{o['mesh.data']} x {o['mesh.fsdp']} x {o['mesh.tensor']}"
+        head = f"| {i} | {mesh} | {o['model.remat_policy']} | {o['train.microbatches']} "
+        r = c.report
+        if r is None:
+            rows.append(head + f"| error: {c.error[:60]} | | | | |")
+            continue
+        fits = "yes" if r.fits else f"NO (short {r.shortfall_bytes / GiB:.1f} GiB)"
+        mfu = f"{100 * r.mfu_bound:.0f}%" if r.mfu_bound else "-"
+        rows.append(
+            head + f"| {fits} | {r.bytes_per_chip / GiB:.2f} | {_seconds(r.roofline_step_seconds)} "
+            f"| {mfu} | {r.compile_seconds:.1f} |"
+        )
+    return "\n".join(rows)
