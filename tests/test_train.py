@@ -326,3 +326,7 @@ def test_compile_only_reports_memory(tmp_path, capsys):
         load_config(CONFIGS / "smoke.py")
     )
     assert not (tmp_path / "checkpoints").exists()
+    # The roofline of the local compile: the compiled count or the model's FLOPs, whichever is
+    # higher; a CPU has a measured peak only through train.peak_flops and no bandwidth entry.
+    assert report["flops_per_step"] > 0 and report["bytes_accessed"] > 0
+    assert report["flops_source"] in ("compiled", "model_flops")

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None):
         "with libtpu; needs the [tpu] extra)",
     )
     parser.add_argument(
-        "--plan_json", help="with --compile_only --topology: also write the plan as JSON"
+        "--plan_json", help="with --compile_only: also write the plan (memory, roofline) as JSON"
     )
     parser.add_argument(
         "--no_sample", action="store_true", help="do not print a generated sample at the end"
@@ -117,7 +117,15 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
         print(f"mtp-train: {e}", file=sys.stderr)
         return 3
     if result.status == "compiled":
-        print(json.dumps({"compile_seconds": round(result.compile_seconds, 2), **result.memory}))
+        report = {
+            "compile_seconds": round(result.compile_seconds, 2),
+            **result.memory,
+            **(result.roofline or {}),
+        }
+        if args.plan_json:
+            with open(args.plan_json, "w") as f:
+                json.dump(report, f, indent=1)
+        print(json.dumps(report))
         return 0
     final = {k: round(v, 4) for k, v in result.metrics.items() if "/" not in k or "depth" in k}
     log.info("%s at step %d: %s", result.status, result.step, final)

@@ -5,7 +5,14 @@ A corpus spec is one of
   site-packages), one document per file;
 - a directory: every non-hidden file below it, one document per file;
 - a glob (`'data/**/*.txt'`) or a single file: the matching files, one document per file;
-- a `.jsonl` path or glob: one document per non-blank line, its text in `text_field`.
+- a `.jsonl` path or glob: one document per non-blank line, its text in `text_field`;
+- Parquet (`.parquet`) or Arrow IPC (`.arrow`, `.feather`) files, a path, glob or directory of
+  them, local or `gs://`: one document per row, its text in column `text_field`, read in record
+  batches with pyarrow (never whole into memory).
+
+A bad table file (unreadable, without the text column) and a bad row (null, or bytes that are
+not UTF-8) are `DataError`s naming the file (and row); with `skip_bad` they are counted and
+skipped instead (`Corpus.skipped_files`, and the row counts `prepare` reports).
 
 Files are sorted, so the document order is deterministic. Text is decoded as UTF-8 with
 `errors='replace'` (undecodable bytes become U+FFFD, the same text the byte tokenizer's
@@ -18,11 +25,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +50,10 @@ class Corpus:
     files: tuple[str, ...]
     keys: tuple[str, ...]
     jsonl: bool
+    table: bool = False  # Parquet / Arrow files: one document per row
+    text_field: str = "text"  # the JSONL field / table column holding the text
+    rows: tuple[int, ...] = ()  # table files: rows per file
+    skipped_files: tuple[str, ...] = ()  # table files skipped as bad (skip_bad)
 
 
 def stdlib_dir() -> str:
@@ -79,8 +92,17 @@ def _glob_root(pattern: str) -> str:
     return os.sep.join(fixed) or "."
 
 
-def find_corpus(spec: str) -> Corpus:
-    """Resolves a corpus spec to its sorted files; DataError when it names nothing."""
+TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
+
+
+def find_corpus(spec: str, text_field: str = "text", skip_bad: bool = False) -> Corpus:
+    """Resolves a corpus spec to its sorted files; DataError when it names nothing.
+
+    Table files (Parquet / Arrow) are opened here to count their rows and check the
+    `text_field` column: a bad one is a DataError, or skipped with `skip_bad`.
+    """
+    if spec.startswith("gs://"):
+        return _table_corpus(spec, *_remote_files(spec), text_field, skip_bad)
     if spec == "stdlib":
         root = stdlib_dir()
         files = _stdlib_files(root)
@@ -102,9 +124,179 @@ def find_corpus(spec: str) -> Corpus:
         desc = os.path.abspath(path)
     if not files:
         raise DataError(f"corpus {spec!r} is empty: no files found ({desc})")
+    if all(f.endswith(TABLE_SUFFIXES) for f in files):
+        return _table_corpus(spec, desc, root, files, text_field, skip_bad)
     keys = tuple(os.path.relpath(f, root) for f in files)
     jsonl = all(f.endswith(".jsonl") for f in files)
-    return Corpus(spec=spec, description=desc, files=tuple(files), keys=keys, jsonl=jsonl)
+    return Corpus(
+        spec=spec,
+        description=desc,
+        files=tuple(files),
+        keys=keys,
+        jsonl=jsonl,
+        text_field=text_field,
+    )
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.fs  # noqa: F401
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise DataError(
+            "Parquet / Arrow corpora need the 'pyarrow' package: pip install pyarrow "
+            "(or mtp_jax[data])"
+        ) from e
+    return pyarrow
+
+
+def _filesystem(path: str):
+    """(pyarrow FileSystem, path within it) for a local path or a gs:// URL."""
+    pa = _pyarrow()
+    if path.startswith("gs://"):
+        return pa.fs.FileSystem.from_uri(path)
+    return pa.fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _remote_files(spec: str) -> tuple[str, str, list[str]]:
+    """(description, root, sorted table files) of a gs:// file, directory or glob."""
+    import fnmatch
+
+    pa = _pyarrow()
+    fs, path = _filesystem(spec)
+    root = path if not glob.has_magic(path) else _glob_root(path)
+    info = fs.get_file_info(root)
+    if info.type == pa.fs.FileType.File:
+        names = [root]
+    elif info.type == pa.fs.FileType.Directory:
+        selector = pa.fs.FileSelector(root, recursive=True)
+        names = [i.path for i in fs.get_file_info(selector) if i.type == pa.fs.FileType.File]
+        if glob.has_magic(path):
+            names = [n for n in names if fnmatch.fnmatch(n, path)]
+    else:
+        raise DataError(f"corpus {spec!r} does not exist")
+    files = sorted(f"gs://{n}" for n in names if n.endswith(TABLE_SUFFIXES))
+    if not files:
+        raise DataError(f"corpus {spec!r} holds no Parquet / Arrow files")
+    return spec, f"gs://{root}" if info.type == pa.fs.FileType.Directory else spec, files
+
+
+def _open_table(path: str):
+    """A pyarrow reader of one table file: ParquetFile, or an Arrow IPC file reader."""
+    pa = _pyarrow()
+    fs, inner = _filesystem(path)
+    handle = fs.open_input_file(inner)
+    if path.endswith(".parquet"):
+        return pa.parquet.ParquetFile(handle)
+    try:
+        return pa.ipc.open_file(handle)
+    except pa.ArrowInvalid:  # the streaming format: read it as a file of batches
+        return pa.ipc.open_file(pa.BufferReader(_stream_to_file(fs.open_input_stream(inner))))
+
+
+def _stream_to_file(stream):
+    pa = _pyarrow()
+    table = pa.ipc.open_stream(stream).read_all()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _table_rows(path: str, text_field: str) -> int:
+    """Rows of a table file; DataError when it is unreadable or lacks the text column."""
+    pa = _pyarrow()
+    try:
+        reader = _open_table(path)
+        if isinstance(reader, pa.parquet.ParquetFile):
+            schema, rows = reader.schema_arrow, reader.metadata.num_rows
+        else:
+            schema = reader.schema
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot read corpus file {path!r}: {_first_line(e)}") from e
+    if text_field not in schema.names:
+        raise DataError(
+            f"corpus file {path!r} has no column {text_field!r} (columns: "
+            f"{', '.join(schema.names)}): set data.text_field / --text-field"
+        )
+    return int(rows)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _table_corpus(
+    spec: str, desc: str, root: str, files: list[str], text_field: str, skip_bad: bool
+) -> Corpus:
+    kept, rows, skipped = [], [], []
+    for f in files:
+        try:
+            rows.append(_table_rows(f, text_field))
+            kept.append(f)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(f)
+            logging.getLogger(__name__).warning("skipping bad corpus file: %s", e)
+    if not kept:
+        raise DataError(f"corpus {spec!r} has no readable table files ({len(skipped)} skipped)")
+    keys = tuple(
+        f[len(root) :].lstrip("/") if f.startswith(root) and f != root else os.path.basename(f)
+        for f in kept
+    )
+    return Corpus(
+        spec=spec,
+        description=desc,
+        files=tuple(kept),
+        keys=keys,
+        jsonl=False,
+        table=True,
+        text_field=text_field,
+        rows=tuple(rows),
+        skipped_files=tuple(skipped),
+    )
+
+
+def _table_texts(path: str, text_field: str, batch_rows: int = 1024) -> Iterator[tuple[int, Any]]:
+    """(row, text or a `BadRow`) of one table file, read one record batch at a time."""
+    pa = _pyarrow()
+    reader = _open_table(path)
+    if isinstance(reader, pa.parquet.ParquetFile):
+        batches = reader.iter_batches(batch_size=batch_rows, columns=[text_field])
+    else:
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    row = 0
+    try:
+        for batch in batches:
+            for value in batch.column(batch.schema.get_field_index(text_field)).to_pylist():
+                yield row, _row_text(value)
+                row += 1
+    except pa.ArrowException as e:
+        raise DataError(f"corpus file {path!r} row {row}: {_first_line(e)}") from e
+
+
+class BadRow(str):
+    """A row whose text cannot be used (the reason); skipped with skip_bad, else an error."""
+
+
+def _row_text(value: Any) -> str:
+    if value is None:
+        return BadRow("the text is null")
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return BadRow(f"the text is not valid UTF-8 ({e.reason} at byte {e.start})")
+    if not isinstance(value, str):
+        return BadRow(f"the text is a {type(value).__name__}, not a string")
+    return value
 
 
 def open_text(path: str) -> str:
@@ -127,27 +319,42 @@ def _jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
         raise DataError(f"cannot read corpus file {path!r}: {e.strerror or e}") from e
 
 
-# A task is one document to tokenize: (index, path, line number, raw JSON line or None).
-Task = tuple[int, str, int, "str | None"]
+class Task(NamedTuple):
+    """One document to tokenize: a whole file (line None, text None), a JSONL line (the raw
+    line) or a table row (its text, already read; a `BadRow` when unusable)."""
+
+    index: int
+    path: str
+    row: int  # JSONL line number or table row; 0 for a whole file
+    line: str | None = None
+    text: str | None = None
 
 
 def document_keys(corpus: Corpus) -> list[str]:
-    """A stable key per document (file key, or `file:line` for JSONL) in document order."""
+    """A stable key per document (file key, `file:line` for JSONL, `file:row` for tables) in
+    document order."""
+    if corpus.table:
+        return [f"{k}:{r}" for k, n in zip(corpus.keys, corpus.rows) for r in range(n)]
     if not corpus.jsonl:
         return list(corpus.keys)
     return [f"{k}:{n}" for f, k in zip(corpus.files, corpus.keys) for n, _ in _jsonl_lines(f)]
 
 
 def iter_tasks(corpus: Corpus) -> Iterator[Task]:
-    """The documents in order, as tasks for `tokenize_tasks` (JSONL lines read here)."""
-    if not corpus.jsonl:
-        for i, f in enumerate(corpus.files):
-            yield i, f, 0, None
-        return
+    """The documents in order, as tasks for `tokenize_tasks` (JSONL lines and table rows read
+    here, in the main process)."""
     i = 0
     for f in corpus.files:
-        for lineno, line in _jsonl_lines(f):
-            yield i, f, lineno, line
+        if corpus.table:
+            for row, text in _table_texts(f, corpus.text_field):
+                yield Task(i, f, row, None, text)
+                i += 1
+        elif corpus.jsonl:
+            for lineno, line in _jsonl_lines(f):
+                yield Task(i, f, lineno, line)
+                i += 1
+        else:
+            yield Task(i, f, 0)
             i += 1
 
 
@@ -178,13 +385,22 @@ def assign_val(keys: Sequence[str], val_fraction: float, seed: int) -> np.ndarra
 _worker: dict = {}
 
 
-def init_worker(tokenizer_spec: str, text_field: str, dtype: str) -> None:
+def init_worker(tokenizer_spec: str, text_field: str, dtype: str, skip_bad: bool = False) -> None:
     """Pool initializer: builds the tokenizer once per worker process."""
-    _worker.update(tokenizer=get_tokenizer(tokenizer_spec), field=text_field, dtype=dtype)
+    _worker.update(
+        tokenizer=get_tokenizer(tokenizer_spec), field=text_field, dtype=dtype, skip_bad=skip_bad
+    )
 
 
-def _text_of(task: Task, text_field: str) -> str:
-    _, path, lineno, line = task
+def text_of(task: Task, text_field: str) -> str:
+    """The text of one task: a file's contents, a JSONL line's `text_field` or a table row's.
+
+    DataError naming the file and row for a bad table row (`BadRow`)."""
+    _, path, lineno, line, text = task
+    if isinstance(text, BadRow):
+        raise DataError(f"corpus file {path!r} row {lineno}: {text}")
+    if text is not None:
+        return text
     if line is None:
         return open_text(path)
     try:
@@ -211,11 +427,15 @@ def encode_document(tokenizer: Tokenizer, text: str, dtype: str) -> np.ndarray:
     return out
 
 
-def tokenize_tasks(tasks: Sequence[Task]) -> list[tuple[int, np.ndarray, int]]:
-    """(index, tokens [n + 1], text bytes) per task, with the worker's tokenizer."""
+def tokenize_tasks(tasks: Sequence[Task]) -> list[tuple[int, np.ndarray | None, int]]:
+    """(index, tokens [n + 1], text bytes) per task, with the worker's tokenizer; tokens are
+    None for a bad table row skipped under skip_bad."""
     tokenizer, field, dtype = _worker["tokenizer"], _worker["field"], _worker["dtype"]
     out = []
     for task in tasks:
-        text = _text_of(task, field)
+        if isinstance(task.text, BadRow) and _worker.get("skip_bad"):
+            out.append((task.index, None, 0))
+            continue
+        text = text_of(task, field)
         out.append((task[0], encode_document(tokenizer, text, dtype), len(text.encode("utf-8"))))
     return out

@@ -51,11 +51,13 @@ def _tokenized(
     text_field: str,
     dtype: str,
     num_workers: int,
+    skip_bad: bool = False,
 ) -> Iterator[tuple[int, Any, int]]:
-    """(index, tokens [n + 1], text bytes) per document, in document order."""
-    size = _LINES_PER_TASK if corpus.jsonl else _FILES_PER_TASK
+    """(index, tokens [n + 1] or None (a skipped bad row), text bytes) per document, in
+    document order."""
+    size = _LINES_PER_TASK if corpus.jsonl or corpus.table else _FILES_PER_TASK
     chunks = _chunks(corpus_lib.iter_tasks(corpus), size)
-    init_args = (tokenizer, text_field, dtype)
+    init_args = (tokenizer, text_field, dtype, skip_bad)
     if num_workers <= 1 or n_docs < _MIN_DOCS_FOR_WORKERS:
         corpus_lib.init_worker(*init_args)
         for chunk in chunks:
@@ -76,6 +78,7 @@ def prepare(
     num_workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Tokenizes `corpus` into a token store at `out_dir` (local or gs://) and returns its manifest.
 
@@ -88,17 +91,20 @@ def prepare(
       out_dir: the store path, local or gs://bucket/path.
       tokenizer: 'byte', a SentencePiece .model or a tokenizer.json (see `get_tokenizer`).
       val_fraction: fraction of documents held out as the 'val' split.
-      text_field: the JSONL field holding a document's text.
+      text_field: the JSONL field / Parquet or Arrow column holding a document's text.
       num_workers: tokenizer processes; default 1 for 'byte' (I/O bound), else all cores.
       seed: seed of the train/val split.
-      progress: show a tqdm progress bar.
+      progress: show a tqdm progress bar (documents, and MB of text).
+      skip_bad: count and skip bad table files and rows (recorded in the manifest's
+        'skipped') instead of failing.
     Raises:
-      DataError for an empty corpus, an unreadable file, a bad JSONL line or a bad tokenizer.
+      DataError for an empty corpus, an unreadable file, a bad JSONL line or table row, or a
+      bad tokenizer. Nothing is written to `out_dir` then.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
     tok = get_tokenizer(tokenizer)
-    found = corpus_lib.find_corpus(corpus)
+    found = corpus_lib.find_corpus(corpus, text_field=text_field, skip_bad=skip_bad)
     keys = corpus_lib.document_keys(found)
     if not keys:
         raise DataError(f"corpus {corpus!r} is empty: its JSONL files hold no documents")
@@ -115,15 +121,19 @@ def prepare(
         store_lib.delete_manifest(out_dir)  # the old store is incomplete from here on
     try:
         writers = {s: store_lib.SplitWriter(work, s, dtype) for s in store_lib.SPLITS}
-        text_bytes = 0
+        text_bytes, skipped_rows = 0, 0
         bar = tqdm(total=len(keys), unit="doc", desc="mtp-prepare", disable=not progress)
         with bar:
             for index, tokens, n_bytes in _tokenized(
-                found, len(keys), tokenizer, text_field, dtype, num_workers
+                found, len(keys), tokenizer, text_field, dtype, num_workers, skip_bad
             ):
+                bar.update(1)
+                if tokens is None:
+                    skipped_rows += 1
+                    continue
                 writers["val" if is_val[index] else "train"].add(tokens)
                 text_bytes += n_bytes
-                bar.update(1)
+                bar.set_postfix(MB=f"{text_bytes / 1e6:.1f}", refresh=False)
         splits = {s: w.close() for s, w in writers.items()}
         manifest = {
             "format": store_lib.FORMAT,
@@ -140,6 +150,12 @@ def prepare(
             "text_bytes": text_bytes,
             "splits": splits,
         }
+        if skip_bad:
+            manifest["skipped"] = {"files": list(found.skipped_files), "rows": skipped_rows}
+            if found.skipped_files or skipped_rows:
+                log.warning(
+                    "skipped %d bad files and %d bad rows", len(found.skipped_files), skipped_rows
+                )
         store_lib.write_manifest(work, manifest)  # last: this makes the store complete
         if local:
             _publish(work, out_dir)

@@ -185,3 +185,17 @@ def tokenizer_fingerprint(spec: str) -> str:
         return ""
     with open(spec, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_vocab_size(spec: str, vocab_size: int) -> None:
+    """ConfigError when `model.vocab_size` is smaller than the tokenizer `spec`'s vocabulary
+    (its ids would index past the embedding)."""
+    from mtp_jax.checks import fail
+
+    n = get_tokenizer(spec).vocab_size
+    if n > vocab_size:
+        fail(
+            "model.vocab_size",
+            vocab_size,
+            f"at least the {n} ids of data.tokenizer={spec!r}",
+        )

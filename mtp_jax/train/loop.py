@@ -50,6 +50,7 @@ class TrainResult:
     state: Any = None
     memory: dict[str, int] | None = None
     compile_seconds: float = 0.0
+    roofline: dict[str, Any] | None = None  # compile_only: `local_roofline`
 
 
 class _Preemption:
@@ -151,6 +152,30 @@ def memory_report(compiled) -> dict[str, int]:
     }
 
 
+def local_roofline(config: ConfigDict, compiled, mesh) -> dict[str, Any]:
+    """The roofline of a step compiled for this host's devices (`plan.roofline`): FLOPs and
+    bytes accessed per device from `cost_analysis()`, peak and HBM bandwidth from the chip
+    tables (`train.peak_flops` overrides the peak; a CPU has no bandwidth entry)."""
+    from mtp_jax.train.mfu import bandwidth_for_kind, peak_for_kind
+    from mtp_jax.train.plan import roofline
+
+    kind = mesh.devices.flat[0].device_kind
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+    model = model_flops(config) * config.data.batch_size * config.data.seq_len / mesh.size
+    peak = config.train.peak_flops or peak_for_kind(kind) or 0.0
+    bandwidth = bandwidth_for_kind(kind) or 0.0
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    out = roofline(float(cost.get("flops", 0.0)), model, bytes_accessed, peak, bandwidth)
+    return {
+        "device_kind": kind,
+        "peak_flops": peak,
+        "hbm_bandwidth": bandwidth,
+        "bytes_accessed": bytes_accessed,
+        **out,
+    }
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -169,9 +194,13 @@ def train(
     `on_step(step)` is called after every train step (after its metrics are queued, before
     any checkpoint of that step): progress hooks, tests that signal a run mid-way.
     """
-    # ---- mesh
+    # ---- mesh (and the checks that need no compile)
     mesh = make_mesh(config.mesh, devices)
     check_batch(config, mesh)
+    if config.data.source == "store":
+        from mtp_jax.data.tokenizer import check_vocab_size
+
+        check_vocab_size(config.data.tokenizer, config.model.vocab_size)
     log.info("%s", topology())
     log.info(
         "mesh %s over %d devices (%s), process %d of %d",
@@ -201,7 +230,14 @@ def train(
         ", ".join(f"{k} {_gib(v)}" for k, v in memory.items()),
     )
     if compile_only:
-        return TrainResult(0, "compiled", {}, memory=memory, compile_seconds=compile_seconds)
+        return TrainResult(
+            0,
+            "compiled",
+            {},
+            memory=memory,
+            compile_seconds=compile_seconds,
+            roofline=local_roofline(config, train_step, mesh),
+        )
 
     # ---- data
     train_ds, val_ds = make_datasets(config)

@@ -28,10 +28,37 @@ PEAK_FLOPS = {
 }
 
 
+# HBM bandwidth per chip / GPU (bytes/s), from the same data sheets (v5p reports "TPU v5",
+# v5e "TPU v5 lite"). What a roofline divides bytes accessed by.
+HBM_BANDWIDTH = {
+    "TPU v4": 1228e9,
+    "TPU v5 lite": 819e9,
+    "TPU v5e": 819e9,
+    "TPU v5p": 2765e9,
+    "TPU v5": 2765e9,
+    "TPU v6 lite": 1640e9,
+    "TPU v6e": 1640e9,
+    "NVIDIA H100": 3350e9,
+    "NVIDIA H200": 4800e9,
+    "NVIDIA A100": 2039e9,
+    "NVIDIA B200": 8000e9,
+    "NVIDIA L4": 300e9,
+}
+
+
+def _lookup(table: dict[str, float], kind: str) -> float | None:
+    matches = [k for k in table if kind.startswith(k)]
+    return table[max(matches, key=len)] if matches else None
+
+
 def peak_for_kind(kind: str) -> float | None:
     """Longest matching prefix of `device_kind` in PEAK_FLOPS."""
-    matches = [k for k in PEAK_FLOPS if kind.startswith(k)]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+    return _lookup(PEAK_FLOPS, kind)
+
+
+def bandwidth_for_kind(kind: str) -> float | None:
+    """Longest matching prefix of `device_kind` in HBM_BANDWIDTH."""
+    return _lookup(HBM_BANDWIDTH, kind)
 
 
 @functools.cache

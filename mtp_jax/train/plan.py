@@ -44,7 +44,7 @@ from mtp_jax.model.flops import model_flops, param_count
 from mtp_jax.model.layers import attention_impl
 from mtp_jax.model.model import Model
 from mtp_jax.sharding import make_mesh
-from mtp_jax.train.mfu import peak_for_kind
+from mtp_jax.train.mfu import bandwidth_for_kind, peak_for_kind
 
 GiB = 2**30
 
@@ -58,17 +58,6 @@ HBM_BYTES_PER_CHIP = {
     "TPU v5p": 95 * GiB,
     "TPU v6 lite": 32 * GiB,
     "TPU v6e": 32 * GiB,
-}
-
-# HBM bandwidth per chip (bytes/s), from the TPU system docs; same prefix rule.
-HBM_BANDWIDTH_PER_CHIP = {
-    "TPU v4": 1228e9,
-    "TPU v5 lite": 819e9,
-    "TPU v5e": 819e9,
-    "TPU v5": 2765e9,
-    "TPU v5p": 2765e9,
-    "TPU v6 lite": 1640e9,
-    "TPU v6e": 1640e9,
 }
 
 TOPOLOGY_EXAMPLES = (
@@ -367,7 +356,7 @@ def plan(config: Any, topology: str) -> PlanReport:
 
     batch, seq = config.data.batch_size, config.data.seq_len
     flops_model = model_flops(config) * batch * seq
-    bandwidth = (_prefix_lookup(HBM_BANDWIDTH_PER_CHIP, kind) or 0.0) / per_chip
+    bandwidth = (bandwidth_for_kind(kind) or 0.0) / per_chip
     with jax.set_mesh(mesh):  # what the compiled trunk's attention will be on this slice
         attention = attention_impl(
             ModelConfig.from_any(config.model), seq, cached=False, masked=True
