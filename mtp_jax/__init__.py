@@ -26,8 +26,7 @@ A training window holds S + D + 1 tokens; `Model` reads the first S + D of them 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mtp_jax.lazy import lazy_exports
 
 # name -> module that defines it. Imported on first use, so that light entry points
 # (mtp-prepare and its worker processes) do not pay for flax and the model.
@@ -59,13 +58,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mtp_jax' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("mtp_jax", globals(), _EXPORTS)

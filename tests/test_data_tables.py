@@ -35,9 +35,11 @@ def _parquet_shards(root, docs, field="text", shards=3):
     return str(root)
 
 
-def _arrow(path, docs, field="text"):
+def _arrow(path, docs, field="text", stream=False):
+    """An Arrow IPC file (or stream) of `docs` in batches of 5 rows."""
     table = pa.table({field: docs})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    new = pa.ipc.new_stream if stream else pa.ipc.new_file
+    with pa.OSFile(str(path), "wb") as sink, new(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=5)
     return str(path)
 
@@ -61,17 +63,20 @@ def test_parquet_arrow_and_jsonl_give_identical_stores(tmp_path):
     """One document per row, in file order: the same tokens, offsets and split as JSONL (the
     split hashes keys; the table keys are `file:row`, so compare with one file each)."""
     one = [tmp_path / "one.jsonl", tmp_path / "one.parquet", tmp_path / "one.arrow"]
+    one.append(tmp_path / "stream" / "one.arrow")  # the IPC streaming format
     _jsonl(one[0], DOCS)
     pq.write_table(pa.table({"text": DOCS}), str(one[1]), row_group_size=4)
     _arrow(one[2], DOCS)
+    (tmp_path / "stream").mkdir()
+    _arrow(one[3], DOCS, stream=True)
     stores = []
     for i, src in enumerate(one):
         out = str(tmp_path / f"store{i}")
         manifest = prepare(str(src), out, val_fraction=0.0, progress=False)
         assert manifest["splits"]["train"]["docs"] == len(DOCS)
         stores.append(out)
-    _same_stores(stores[0], stores[1])
-    _same_stores(stores[0], stores[2])
+    for other in stores[1:]:
+        _same_stores(stores[0], other)
     # Sharded Parquet with a val split: every document lands once, in order.
     out = str(tmp_path / "sharded")
     shards = _parquet_shards(tmp_path / "shards", DOCS, field="body")

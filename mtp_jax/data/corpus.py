@@ -186,38 +186,34 @@ def _remote_files(spec: str) -> tuple[str, str, list[str]]:
     return spec, f"gs://{root}" if info.type == pa.fs.FileType.Directory else spec, files
 
 
-def _open_table(path: str):
-    """A pyarrow reader of one table file: ParquetFile, or an Arrow IPC file reader."""
+def _open_table(path: str, column: str | None = None) -> tuple[Any, Iterator[Any]]:
+    """(schema, record batches) of one table file, read lazily: a Parquet file's (of `column`
+    alone, when given), an Arrow IPC file's, or an Arrow IPC stream's, one at a time."""
     pa = _pyarrow()
     fs, inner = _filesystem(path)
-    handle = fs.open_input_file(inner)
     if path.endswith(".parquet"):
-        return pa.parquet.ParquetFile(handle)
+        parquet = pa.parquet.ParquetFile(fs.open_input_file(inner))
+        columns = None if column is None else [column]
+        return parquet.schema_arrow, parquet.iter_batches(batch_size=1024, columns=columns)
     try:
-        return pa.ipc.open_file(handle)
-    except pa.ArrowInvalid:  # the streaming format: read it as a file of batches
-        return pa.ipc.open_file(pa.BufferReader(_stream_to_file(fs.open_input_stream(inner))))
-
-
-def _stream_to_file(stream):
-    pa = _pyarrow()
-    table = pa.ipc.open_stream(stream).read_all()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
+        ipc = pa.ipc.open_file(fs.open_input_file(inner))
+        return ipc.schema, (ipc.get_batch(i) for i in range(ipc.num_record_batches))
+    except pa.ArrowInvalid:  # not the file format: the streaming format
+        stream = pa.ipc.open_stream(fs.open_input_stream(inner))
+        return stream.schema, iter(stream)
 
 
 def _table_rows(path: str, text_field: str) -> int:
     """Rows of a table file; DataError when it is unreadable or lacks the text column."""
     pa = _pyarrow()
     try:
-        reader = _open_table(path)
-        if isinstance(reader, pa.parquet.ParquetFile):
-            schema, rows = reader.schema_arrow, reader.metadata.num_rows
+        if path.endswith(".parquet"):  # the footer has the count
+            fs, inner = _filesystem(path)
+            parquet = pa.parquet.ParquetFile(fs.open_input_file(inner))
+            schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
         else:
-            schema = reader.schema
-            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+            schema, batches = _open_table(path)
+            rows = sum(batch.num_rows for batch in batches)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"cannot read corpus file {path!r}: {_first_line(e)}") from e
     if text_field not in schema.names:
@@ -264,21 +260,17 @@ def _table_corpus(
     )
 
 
-def _table_texts(path: str, text_field: str, batch_rows: int = 1024) -> Iterator[tuple[int, Any]]:
+def _table_texts(path: str, text_field: str) -> Iterator[tuple[int, Any]]:
     """(row, text or a `BadRow`) of one table file, read one record batch at a time."""
     pa = _pyarrow()
-    reader = _open_table(path)
-    if isinstance(reader, pa.parquet.ParquetFile):
-        batches = reader.iter_batches(batch_size=batch_rows, columns=[text_field])
-    else:
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     row = 0
     try:
+        _, batches = _open_table(path, text_field)
         for batch in batches:
             for value in batch.column(batch.schema.get_field_index(text_field)).to_pylist():
                 yield row, _row_text(value)
                 row += 1
-    except pa.ArrowException as e:
+    except (OSError, pa.ArrowException) as e:
         raise DataError(f"corpus file {path!r} row {row}: {_first_line(e)}") from e
 
 

@@ -6,8 +6,7 @@ without importing flax.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mtp_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "ModelConfig": "mtp_jax.model.config",
@@ -25,9 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mtp_jax.model' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports("mtp_jax.model", globals(), _EXPORTS)

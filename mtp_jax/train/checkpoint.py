@@ -174,10 +174,15 @@ def load_params(
     parameters land straight in their training shardings on `mesh` (a `jax.sharding.Mesh`
     with axes ('data', 'fsdp', 'tensor'); default: the first device alone).
     """
+    config, step = saved_config(workdir, step)
+    return _restore_params(workdir, config, step, mesh)
+
+
+def _restore_params(workdir: str | os.PathLike, config: ConfigDict, step: int, mesh: Any) -> Any:
+    """`load_params` for a checkpoint whose config and step are known."""
     from mtp_jax.sharding import make_mesh
     from mtp_jax.train.state import abstract_params
 
-    config, step = saved_config(workdir, step)
     if mesh is None:
         mesh = make_mesh(ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
     item = {"params": abstract_params(config, mesh)}
@@ -218,4 +223,4 @@ def load_checkpoint(
     then `mtp_jax.Model(config.model).apply({"params": params}, tokens)`.
     """
     config, step = saved_config(workdir, step)
-    return config, load_params(workdir, step, mesh)
+    return config, _restore_params(workdir, config, step, mesh)
