@@ -9,6 +9,7 @@ names the key, the bad value and what is accepted.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import os
@@ -57,6 +58,8 @@ def base_config() -> ConfigDict:
     d = c.data = ConfigDict()
     d.source = "store"  # 'store' (tensorstore token store) or 'synthetic' (random tokens)
     d.path = ""  # store directory (local or gs://); '' = a cache dir named after the corpus
+    d.mixture = ()  # weighted stores instead of data.path: (('STORE_A', 0.8), ('STORE_B', 0.2))
+    d.mixture_schedule = ()  # phases of weights: ((0.0, (0.8, 0.2)), (0.5, (0.5, 0.5))); () = fixed
     d.corpus = "stdlib"  # text to prepare when the store is missing: 'stdlib', dir, glob, .jsonl
     d.text_field = "text"  # JSONL field holding the document text
     d.tokenizer = "byte"  # 'byte', a SentencePiece .model or a HF tokenizer.json
@@ -262,6 +265,14 @@ RULES: dict[str, Check] = {
     "loss.chunk_size": integer(0),
     "data.source": choice(DATA_SOURCES),
     "data.path": string(),
+    "data.mixture": (
+        lambda v: isinstance(v, tuple),
+        "a tuple of (store path, weight) or (store path, weight, name) entries",
+    ),
+    "data.mixture_schedule": (
+        lambda v: isinstance(v, tuple),
+        "a tuple of (start fraction, (one weight per data.mixture source)) entries",
+    ),
     "data.corpus": string(),
     "data.text_field": string(),
     "data.tokenizer": string(),
@@ -335,8 +346,137 @@ def validate(config: ConfigDict) -> None:
             t.microbatches,
             f"a divisor of data.batch_size={d.batch_size}",
         )
+    _validate_mixture(d, t.steps)
     if sum(v == -1 for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)) > 1:
         fail("mesh.fsdp", config.mesh.fsdp, "-1 on at most one of mesh.data/fsdp/tensor")
+
+
+# ------------------------------------------------------------------------------ data.mixture
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One mixture component: a token store and its (normalised) weight."""
+
+    name: str
+    path: str
+    weight: float
+
+
+def _entries(value: Any, key: str) -> list[tuple]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"config key {key!r} must be a tuple of tuples, got {value!r}")
+    out = []
+    for entry in value:
+        if not isinstance(entry, list | tuple):
+            raise ConfigError(f"config key {key!r}: entry {entry!r} is not a tuple")
+        out.append(tuple(entry))
+    return out
+
+
+def _normalised(weights: Sequence[float], key: str) -> tuple[float, ...]:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ConfigError(f"config key {key!r}: the weights {tuple(weights)} sum to 0")
+    return tuple(float(w) / total for w in weights)
+
+
+def _default_name(path: str) -> str:
+    return os.path.basename(path.rstrip("/")) or path
+
+
+def mixture_sources(mixture: Sequence) -> list[MixtureSource]:
+    """The mixture's sources with normalised weights and unique names.
+
+    Args:
+      mixture: `data.mixture`: (path, weight) or (path, weight, name) entries.
+    Raises:
+      ConfigError naming `data.mixture` and the bad entry.
+    """
+    key = "data.mixture"
+    entries = _entries(mixture, key)
+    for e in entries:
+        if not (
+            len(e) in (2, 3)
+            and isinstance(e[0], str)
+            and e[0]
+            and isinstance(e[1], int | float)
+            and not isinstance(e[1], bool)
+            and e[1] >= 0
+            and (len(e) == 2 or (isinstance(e[2], str) and e[2]))
+        ):
+            raise ConfigError(
+                f"config key {key!r}: entry {e!r} is not (store path, weight >= 0) or "
+                "(store path, weight, name)"
+            )
+    weights = _normalised([e[1] for e in entries], key)
+    names = [e[2] if len(e) == 3 else _default_name(e[0]) for e in entries]
+    for i, n in enumerate(names):  # same basenames (e.g. two .../train stores): number them
+        if names.count(n) > 1 and len(entries[i]) == 2:
+            names[i] = f"{n}_{i}"
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key {key!r}: source names {names} are not unique")
+    paths = [e[0] for e in entries]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"config key {key!r}: a store appears twice in {paths}")
+    return [MixtureSource(n, p, w) for n, p, w in zip(names, paths, weights, strict=True)]
+
+
+def mixture_phases(
+    mixture: Sequence, schedule: Sequence, total_steps: int
+) -> list[tuple[int, tuple[float, ...]]]:
+    """[(first step, normalised weights)] of each phase, the first at step 0.
+
+    Args:
+      mixture: `data.mixture` (its weights are the schedule when `schedule` is empty).
+      schedule: `data.mixture_schedule`: (start fraction, weights) entries, fractions
+        increasing from 0.0, one weight per source.
+      total_steps: `train.steps`, which turns fractions into steps.
+    """
+    src = mixture_sources(mixture)
+    if not schedule:
+        return [(0, tuple(s.weight for s in src))]
+    key = "data.mixture_schedule"
+    out: list[tuple[int, tuple[float, ...]]] = []
+    last = -1.0
+    for e in _entries(schedule, key):
+        ok = (
+            len(e) == 2
+            and isinstance(e[0], int | float)
+            and 0 <= e[0] < 1
+            and e[0] > last
+            and isinstance(e[1], list | tuple)
+            and len(e[1]) == len(src)
+            and all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in e[1])
+        )
+        if not ok:
+            raise ConfigError(
+                f"config key {key!r}: entry {e!r} is not (start fraction in [0, 1), increasing, "
+                f"({len(src)} weights >= 0, one per data.mixture source))"
+            )
+        last = float(e[0])
+        out.append((round(last * total_steps), _normalised(e[1], key)))
+    if out[0][0] != 0 or schedule[0][0] != 0:
+        raise ConfigError(f"config key {key!r}: the first phase must start at fraction 0.0")
+    return out
+
+
+def _validate_mixture(d: ConfigDict, steps: int) -> None:
+    if d.mixture_schedule and not d.mixture:
+        fail("data.mixture_schedule", d.mixture_schedule, "a schedule only with data.mixture set")
+    if not d.mixture:
+        return
+    mixture_phases(d.mixture, d.mixture_schedule, steps)
+    if d.source != "store":
+        fail(
+            "data.mixture", d.mixture, f"a mixture only with data.source='store' (not {d.source!r})"
+        )
+    if d.path:
+        fail(
+            "data.mixture",
+            d.mixture,
+            f"either data.mixture or data.path (it is {d.path!r}), not both: set data.path=''",
+        )
 
 
 def mtp_lambdas(config: ConfigDict) -> tuple[float, ...]:

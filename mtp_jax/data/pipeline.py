@@ -28,8 +28,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from mtp_jax.data import mixture as mixture_lib
 from mtp_jax.data import store as store_lib
 from mtp_jax.data.errors import DataError
+from mtp_jax.data.mixture import MixtureOrder
 from mtp_jax.data.prepare import check_manifest, store_path
 from mtp_jax.window import WindowSpec
 
@@ -145,20 +147,23 @@ class SyntheticWindowSource:
 class LocalBatches(grain.MapDataset):
     """Element t: this process's rows of global batch t, read by window index.
 
-    `order` maps a global example position g to a window index (a shuffled, repeated range);
-    global batch t holds positions [t*B, (t+1)*B) and this process reads positions
-    t*B + p*b + [0, b).
+    `order` maps a global example position g to a window index (a shuffled, repeated range),
+    or, for a mixture, to (source index, window index) (`MixtureOrder`); global batch t holds
+    positions [t*B, (t+1)*B) and this process reads positions t*B + p*b + [0, b). A mixture's
+    batches also carry `mixture_counts`: int64 [n_sources], the examples each source served
+    in batches 0..t of the whole (global) run, the same on every process.
     """
 
     def __init__(
         self,
         order: grain.MapDataset,
-        source: StoreWindowSource | SyntheticWindowSource,
+        source: StoreWindowSource | SyntheticWindowSource | Sequence[StoreWindowSource],
         global_batch: int,
         process_index: int,
         process_count: int,
     ):
         super().__init__(order)
+        self._sources = source if isinstance(source, list | tuple) else None
         self._source = source
         self._global = global_batch
         self._local = global_batch // process_count
@@ -172,8 +177,25 @@ class LocalBatches(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         start = index * self._global + self._offset
-        windows = [int(self._parent[g]) for g in range(start, start + self._local)]
-        return self._source.read_batch(windows)
+        if self._sources is None:
+            windows = [int(self._parent[g]) for g in range(start, start + self._local)]
+            return self._source.read_batch(windows)
+        return self._read_mixed(index, start)
+
+    def _read_mixed(self, index: int, start: int) -> dict[str, np.ndarray]:
+        picks = [self._parent[g] for g in range(start, start + self._local)]
+        rows: dict[str, np.ndarray] = {}
+        for k, source in enumerate(self._sources):
+            at = [i for i, (s, _) in enumerate(picks) if s == k]
+            if not at:
+                continue
+            part = source.read_batch([picks[i][1] for i in at])
+            for name, value in part.items():
+                if name not in rows:
+                    rows[name] = np.empty((self._local, *value.shape[1:]), value.dtype)
+                rows[name][at] = value
+        rows["mixture_counts"] = self._parent.counts_before((index + 1) * self._global)
+        return rows
 
     def __str__(self) -> str:
         return f"LocalBatches(B={self._global}, b={self._local}, offset={self._offset})"
@@ -223,6 +245,7 @@ def make_dataset(
     process_count: int | None = None,
     shuffle: bool | None = None,
     repeat: bool = True,
+    total_steps: int | None = None,
 ) -> grain.IterDataset:
     """This process's batches: {'tokens', 'segment_ids'}: int32 [b, S + D + 1], b = B // P.
 
@@ -237,6 +260,8 @@ def make_dataset(
       process_index, process_count: default to `jax.process_index()/process_count()`.
       shuffle: default `data_cfg.shuffle`.
       repeat: repeat forever (train); False gives one pass of len(windows) // B batches.
+        A mixture (`data.mixture`, see `mixture.py`) always repeats.
+      total_steps: `train.steps`, which places the phases of `data.mixture_schedule`.
     Raises:
       DataError for a missing, incomplete or mismatched store, a split shorter than one
       window, or a batch size not divisible by the process count.
@@ -251,6 +276,22 @@ def make_dataset(
         )
     if not 0 <= p < n_proc:
         raise DataError(f"process_index={p} is not in [0, process_count={n_proc})")
+    if data_cfg.get("mixture"):
+        return _batches(
+            data_cfg,
+            *_mixture_order(
+                data_cfg,
+                seq_len=seq_len,
+                mtp_depth=mtp_depth,
+                split=split,
+                seed=seed,
+                vocab_size=vocab_size,
+                total_steps=total_steps,
+                shuffle=data_cfg.shuffle if shuffle is None else shuffle,
+            ),
+            p,
+            n_proc,
+        )
     source = make_source(
         data_cfg,
         seq_len=seq_len,
@@ -269,6 +310,63 @@ def make_dataset(
         order = order.shuffle(seed=_shuffle_seed(seed, split))
     if repeat:
         order = order.repeat()
+    return _batches(data_cfg, order, source, p, n_proc)
+
+
+def _mixture_order(
+    data_cfg, *, seq_len, mtp_depth, split, seed, vocab_size, total_steps, shuffle
+) -> tuple[MixtureOrder, list[StoreWindowSource]]:
+    """The mixture's example order and its sources (every store checked against the others)."""
+    mixed = mixture_lib.mixture_sources(data_cfg.mixture)
+    if data_cfg.get("mixture_schedule") and total_steps is None:
+        raise DataError("data.mixture_schedule needs the run's length (train.steps)")
+    schedule = mixture_lib.mixture_phases(
+        data_cfg.mixture, data_cfg.get("mixture_schedule", ()), total_steps or 1
+    )
+    manifests = []
+    for src in mixed:
+        if store_lib.read_manifest(src.path) is None:
+            raise DataError(
+                f"data.mixture: token store {src.path!r} (source {src.name!r}) is missing or "
+                f"incomplete: prepare it with `mtp-prepare --corpus ... --out {src.path}`"
+            )
+        manifest = store_lib.load_manifest(src.path)
+        manifests.append((src.path, manifest))
+    mixture_lib.check_compatible(manifests)
+    for path, manifest in manifests:
+        check_manifest(path, manifest, data_cfg.tokenizer, vocab_size)
+    sources = [StoreWindowSource(s.path, split, seq_len, mtp_depth) for s in mixed]
+    order = MixtureOrder(
+        [len(s) for s in sources],
+        [s.name for s in mixed],
+        schedule,
+        data_cfg.batch_size,
+        seed=seed,
+        split=split,
+        shuffle=shuffle,
+    )
+    return order, sources
+
+
+def mixture_names(data_cfg: ml_collections.ConfigDict) -> list[str]:
+    """The names of `data.mixture`'s sources (logged as data/tokens/<name>); [] without one."""
+    return (
+        [s.name for s in mixture_lib.mixture_sources(data_cfg.mixture)]
+        if data_cfg.get("mixture")
+        else []
+    )
+
+
+def source_config(data_cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`data_cfg` reading only the mixture source `name` (e.g. for its own eval)."""
+    (src,) = [s for s in mixture_lib.mixture_sources(data_cfg.mixture) if s.name == name]
+    out = ml_collections.ConfigDict(data_cfg.to_dict())
+    out.mixture, out.mixture_schedule, out.path = (), (), src.path
+    return out
+
+
+def _batches(data_cfg, order, source, p: int, n_proc: int) -> grain.IterDataset:
+    B = data_cfg.batch_size
     ds = LocalBatches(order, source, B, p, n_proc)
     prefetch = data_cfg.prefetch
     it_ds = ds.to_iter_dataset(
@@ -297,6 +395,8 @@ __all__ = [
     "SyntheticWindowSource",
     "make_dataset",
     "make_source",
+    "mixture_names",
+    "source_config",
     "num_windows",
     "to_global_batch",
 ]

@@ -114,11 +114,16 @@ def check_batch(config: ConfigDict, mesh) -> None:
 
 
 def make_datasets(config: ConfigDict):
-    """(train dataset, val dataset or None) of per-process batches."""
+    """(train dataset, val datasets) of per-process batches.
+
+    The val datasets are {'': val split} for one store, {source name: its val split} for a
+    `data.mixture` (each source is evaluated on its own), {} with evals off.
+    """
     from mtp_jax.data import ensure_store, make_dataset
+    from mtp_jax.data.pipeline import mixture_names, source_config
 
     d, m = config.data, config.model
-    if d.source == "store":
+    if d.source == "store" and not d.mixture:
         # Process 0 prepares a missing store; the others wait, then open it.
         if jax.process_index() == 0:
             ensure_store(d, vocab_size=m.vocab_size)
@@ -129,10 +134,12 @@ def make_datasets(config: ConfigDict):
     kwargs = dict(
         seq_len=d.seq_len, mtp_depth=m.mtp_depth, seed=config.seed, vocab_size=m.vocab_size
     )
-    train_ds = make_dataset(d, split="train", **kwargs)
-    val_ds = None
+    train_ds = make_dataset(d, split="train", total_steps=config.train.steps, **kwargs)
+    val_ds = {}
     if config.train.eval_every:
-        val_ds = make_dataset(d, split="val", shuffle=False, **kwargs)
+        for name in mixture_names(d) or [""]:
+            src = source_config(d, name) if name else d
+            val_ds[name] = make_dataset(src, split="val", shuffle=False, **kwargs)
     return train_ds, val_ds
 
 
@@ -305,11 +312,14 @@ def _loop(run: _Run, state) -> TrainResult:
     )
     memory, compile_seconds, progress = run.memory, run.compile_seconds, run.progress
     from mtp_jax.data import to_global_batch
+    from mtp_jax.data.pipeline import mixture_names
 
     t, ck = config.train, config.checkpoint
     bsh = batch_sharding(mesh)
     step = int(jax.device_get(state.step))
     tokens_per_step = config.data.batch_size * config.data.seq_len
+    mixture = mixture_names(config.data)
+    mixture_counts = None
     flops_per_step = model_flops(config) * tokens_per_step
     peak, peak_source = device_peak_flops(t.peak_flops)
     log.info("MFU against %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
@@ -343,7 +353,9 @@ def _loop(run: _Run, state) -> TrainResult:
 
     with _Preemption() as preempt:
         while step < t.steps:
-            batch = to_global_batch(next(data_iter), bsh)
+            local = next(data_iter)
+            mixture_counts = local.pop("mixture_counts", None)
+            batch = to_global_batch(local, bsh)
             state, metrics = train_step(state, batch)
             step += 1
             timed_steps += 1
@@ -371,6 +383,13 @@ def _loop(run: _Run, state) -> TrainResult:
                         "mfu": flops_per_step / step_time / (peak * mesh.size),
                     }
                 )
+                if mixture_counts is not None:  # examples per source so far, the whole run
+                    summary.update(
+                        {
+                            f"data/tokens/{name}": int(n) * config.data.seq_len
+                            for name, n in zip(mixture, mixture_counts, strict=True)
+                        }
+                    )
                 record.update(summary)
                 bar.set_postfix(
                     loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}"
@@ -378,7 +397,7 @@ def _loop(run: _Run, state) -> TrainResult:
                 pending.clear()
                 timer, timed_steps = time.perf_counter(), 0
 
-            if val_ds is not None and t.eval_every and step % t.eval_every == 0:
+            if val_ds and t.eval_every and step % t.eval_every == 0:
                 ev = evaluate(eval_step, state.params, val_ds, t.eval_steps, bsh)
                 record.update(ev)
                 summary.update(ev)
@@ -405,12 +424,29 @@ def _loop(run: _Run, state) -> TrainResult:
 
 
 def evaluate(eval_step, params, val_ds, steps: int, bsh) -> dict[str, float]:
-    """Per-depth loss/accuracy and draft agreement over the first `steps` validation batches."""
+    """Per-depth loss/accuracy and draft agreement over the first `steps` validation batches.
+
+    `val_ds`: one dataset, or {source name: dataset} (`make_datasets`): every source is
+    evaluated on `steps` batches of its own; the eval/* means are over all of them and each
+    named source adds eval/loss/depth_0/<name>.
+    """
+    if not isinstance(val_ds, dict):
+        val_ds = {"": val_ds}
+    totals, out = None, {}
+    for name, ds in val_ds.items():
+        sums = _eval_sums(eval_step, params, ds, steps, bsh)
+        if name:
+            out[f"eval/loss/depth_0/{name}"] = eval_summary(sums)["eval/loss/depth_0"]
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    return {**eval_summary(totals), **out}
+
+
+def _eval_sums(eval_step, params, ds, steps: int, bsh) -> dict[str, np.ndarray]:
     from mtp_jax.data import to_global_batch
 
-    it = iter(val_ds)
+    it = iter(ds)
     totals = None
     for _ in range(steps):
         out = eval_step(params, to_global_batch(next(it), bsh))
         totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-    return eval_summary(jax.device_get(totals))
+    return jax.device_get(totals)
