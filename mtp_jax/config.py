@@ -144,10 +144,15 @@ def config_from_dict(values: dict) -> ConfigDict:
     config = merge_into_base(ConfigDict(values))
     for key, value in _flatten(config.to_dict()):
         if isinstance(value, list):
-            _set(config, key, tuple(value))
+            _set(config, key, _tuples(value))
     config.lock()
     validate(config)
     return config
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the (nested) tuples of the config, e.g. data.mixture's pairs."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
