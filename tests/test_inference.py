@@ -122,9 +122,14 @@ def _cycle_prompts():
 def test_cached_trunk_and_mtp_logits_equal_full_forward():
     """Prefill 6 positions, then one position at a time, through the model's decoding API:
     every depth's logits match the training forward, for both layouts, with the stacked
-    parameters sliced inside the step and with `prepare`'s per-layer copies."""
-    for layout in ("sequential", "parallel"):
-        cfg = tiny_model_config(mtp_layout=layout, **CFG)
+    parameters sliced inside the step and with `prepare`'s per-layer copies; also a chain of
+    one shared depth reading the normed trunk state (model.mtp_share_depths, mtp_chain_input)."""
+    for extra in (
+        dict(mtp_layout="sequential"),
+        dict(mtp_layout="parallel"),
+        dict(mtp_layout="sequential", mtp_share_depths=True, mtp_chain_input="normed"),
+    ):
+        cfg = tiny_model_config(**extra, **CFG)
         model, params = mtp_jax.Model(cfg), _init(cfg)
         seq = 9
         tokens = jax.random.randint(jax.random.key(4), (2, seq + DEPTH), 0, VOCAB)

@@ -108,6 +108,8 @@ class Decoder:
         depths = ()
         if with_depths and cfg.mtp_depth:
             (depths,) = params["mtp"].values()  # 'depths' (sequential) or 'heads' (parallel)
+            if cfg.mtp_share_depths:  # one depth module, applied at every depth
+                depths = (depths,) * cfg.mtp_depth
         shared = {k: params[k] for k in ("embed", "head") if k in params}
         return DecodeParams(shared, params["final_norm"], layers, depths)
 
@@ -149,8 +151,9 @@ class Decoder:
     ) -> tuple[Array, Array, Caches]:
         """The trunk over T new tokens per row.
 
-        tokens, positions [B, T] -> (h0 [B, T, E] before the final norm, logits [B, T, V] f32,
-        caches).
+        tokens, positions [B, T] -> (h0 [B, T, E], logits [B, T, V] f32, caches). h0 is what
+        the MTP depths read (`model.mtp_chain_input`): the trunk's output before the final
+        norm ('trunk') or after it ('normed').
         """
         cfg = self.cfg
         x = self.embed(params, tokens)
@@ -159,7 +162,8 @@ class Decoder:
             x, cache = Block(cfg).apply({"params": params.layer(i)}, x, positions, None, cache)
             new.append(cache)
         normed = RMSNorm(cfg).apply({"params": params.final_norm}, x)
-        return x, self.logits(params, normed), tuple(new)
+        h0 = normed if cfg.mtp_chain_input == "normed" else x
+        return h0, self.logits(params, normed), tuple(new)
 
     def prefill(
         self, params: DecodeParams, tokens: Array, slots: int
@@ -185,7 +189,7 @@ class Decoder:
     ) -> tuple[Array, Array, KVCache]:
         """MTP depth k (1-based) at positions [B, T].
 
-        Sequential: h_prev = h^{k-1} [B, T, E] (h^0: the trunk's pre-norm output) and tokens =
+        Sequential: h_prev = h^{k-1} [B, T, E] (h^0: `trunk_step`'s h0) and tokens =
         the row buffers [B, L] that `depth_tokens` shifts by k; parallel: h_prev = h^0, tokens
         unused. Returns (h^k [B, T, E] for the next depth, out^k [B, T, E] (normed: `logits`
         turns it into depth k's logits), cache).

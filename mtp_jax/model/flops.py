@@ -59,5 +59,5 @@ def param_count(config: Any) -> int:
         depth = block + e
         if cfg.mtp_layout == "sequential":
             depth += 2 * e * e + 2 * e
-        total += cfg.mtp_depth * depth
+        total += (1 if cfg.mtp_share_depths else cfg.mtp_depth) * depth
     return total
