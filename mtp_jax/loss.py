@@ -13,7 +13,9 @@ microbatches, depths and hosts. The logits are computed `chunk_size` positions a
 a fused loss with a custom VJP, one depth at a time: each chunk's gradients are formed from
 its softmax right away, so no [B, S, V] tensor per depth stays alive, no logits are
 recomputed, and an extra depth adds no logits buffer (the training loss also shares one
-head-gradient accumulator across depths).
+head-gradient accumulator across depths). `mtp_loss` also offers drafter objectives for the
+depths (`loss.mtp_objective` distill / tv: scored against the trunk's own distribution),
+chunked in the same way (see "drafter objectives" below).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax import xla_cpu
+from mtp_jax.config import OBJECTIVES
 from mtp_jax.window import WindowSpec
 
 Array = jax.Array
@@ -33,11 +36,17 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class DepthSums:
-    """Per-depth sums over unmasked targets: loss (CE) [D+1], correct [D+1], count [D+1]."""
+    """Per-depth sums over unmasked targets: loss (CE) [D+1], correct [D+1], count [D+1].
+
+    With a drafter objective other than 'ce' (`mtp_loss`), also the objective's sums
+    `objective` [D+1] over its `objective_count` [D+1] positions (depth 0: the trunk's CE).
+    """
 
     loss: Array
     correct: Array
     count: Array
+    objective: Array | None = None
+    objective_count: Array | None = None
 
     def __add__(self, other: DepthSums) -> DepthSums:
         return jax.tree.map(jnp.add, self, other)
@@ -292,3 +301,266 @@ def draft_agreement(pred: Array, mask: Array) -> tuple[Array, Array]:
     if not depth:
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
     return jnp.stack(agree).astype(jnp.float32), jnp.stack(count).astype(jnp.float32)
+
+
+def accept_length(pred: Array, mask: Array) -> tuple[Array, Array]:
+    """Simulated acceptance length of greedy self-speculative decoding, under teacher forcing.
+
+    At position i, the drafts of depths 1..D (argmax of depth k at i) are accepted while they
+    all equal the trunk's own argmax at i + k (the tokens a greedy verifier emits); a verify
+    step then emits 1 + (that prefix's length) tokens. Scored at the positions i where every
+    depth has a trunk argmax to compare with (i < S - D) and depth 0's target is valid; a
+    depth whose target lies in a later document (mask False) ends the prefix.
+    pred, mask [D+1, B, S] -> (sum over those positions of 1 + prefix length [], count []).
+    """
+    depth, seq = pred.shape[0] - 1, pred.shape[2]
+    valid = mask[0, :, : seq - depth]
+    chain = jnp.ones(valid.shape, bool)
+    total = jnp.ones(valid.shape, jnp.float32)
+    for k in range(1, depth + 1):
+        same = pred[k, :, : seq - depth] == pred[0, :, k : seq - depth + k]
+        chain = chain & same & mask[k, :, : seq - depth]
+        total = total + chain
+    return jnp.where(valid, total, 0.0).sum(), valid.sum().astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------ drafter objectives
+#
+# `loss.mtp_objective` chooses what the depths (the drafter) learn; the trunk (depth 0) keeps
+# its cross-entropy. Depth k at position i and the trunk at position i + k predict the same
+# token t[i+k+1], so the trunk's own next-token distribution p there is what a verifier
+# accepts drafts against:
+#   ce:      cross-entropy on the data's tokens;
+#   distill: KL(p || q_k), p detached (q_k: depth k's distribution at i);
+#   tv:      the Bebop acceptance loss over the chain: with alpha_k(i) = sum_v min(p, q_k), the
+#            probability that rejection sampling accepts depth k's draft, depth j's term is
+#            1 - prod_{k<=j} alpha_k(i) (the chain stops before draft j); with equal lambdas
+#            sum_j lambda_j term_j is lambda * gamma * (1 - E[accepted drafts] / gamma).
+# Both new objectives run chunk by chunk like the CE: a custom VJP keeps only the hidden
+# states and recomputes a chunk's [B, c, V] logits (student and teacher) in the backward pass.
+
+
+def objective_mask(mask: Array, objective: str) -> Array:
+    """The positions each depth's objective scores: mask [D+1, B, S] -> [D+1, B, S] bool.
+
+    'ce': `mask` itself. 'distill' and 'tv' compare depth k at i with the trunk at i + k, so
+    they also drop i >= S - k (past the trunk's window); 'tv' scores depth j's term at i only
+    where depths 1..j all are (a cumulative AND over depths: the chain stops at the first).
+    """
+    if objective == "ce":
+        return mask
+    seq = mask.shape[-1]
+    k = jnp.arange(mask.shape[0])[:, None, None]
+    out = mask & (jnp.arange(seq)[None, None, :] < seq - k)
+    if objective == "tv":
+        out = jnp.concatenate([out[:1], jnp.cumprod(out[1:], axis=0).astype(bool)])
+    return out
+
+
+def _rows_log_softmax(x: Array, head: Array) -> tuple[Array, Array]:
+    """x [B, c, E] -> (rows [N, E], log-softmax of the logits [N, V] f32)."""
+    rows = x.reshape(-1, x.shape[-1])
+    logits = jnp.dot(rows, head, preferred_element_type=jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return rows, logits - (top + jnp.log(jnp.sum(jnp.exp(logits - top), -1, keepdims=True)))
+
+
+def _drafter_chunk(student, teacher, head, targets, mask, objective, with_pred):
+    """One chunk of one depth. student, teacher [B, c, E] (teacher: the trunk's normed hidden
+    at i + k), head [E, V], targets/mask [B, c] -> (stat [B, c]: KL(p || q) ('distill') or
+    sum_v min(p, q) ('tv'); CE sum []; correct []; pred [B, c] or None)."""
+    _, log_q = _rows_log_softmax(student, head)
+    _, log_p = _rows_log_softmax(teacher, head)
+    p = jnp.exp(log_p)
+    if objective == "distill":
+        stat = jnp.sum(p * (log_p - log_q), axis=-1)
+    else:
+        stat = jnp.sum(jnp.minimum(p, jnp.exp(log_q)), axis=-1)
+    t, m = targets.reshape(-1), mask.reshape(-1)
+    target_lq = jnp.take_along_axis(log_q, t[:, None], axis=1)[:, 0]
+    top = jnp.max(log_q, axis=-1)
+    ce = jnp.where(m, -target_lq, 0.0).sum()
+    correct = ((target_lq >= top) & m).sum().astype(jnp.float32)
+    pred = None
+    if with_pred:
+        pred = jnp.argmax(log_q, axis=-1).astype(jnp.int32).reshape(targets.shape)
+    return stat.reshape(targets.shape), ce, correct, pred
+
+
+def _drafter_chunk_grad(student, teacher, head, d_stat, objective):
+    """The gradients of sum(d_stat * stat) of one chunk: d student [B, c, E], d head [E, V] f32.
+
+    d stat / d student logits: q - p ('distill'); q * (g - <g, q>) with g = [q < p] ('tv').
+    The teacher is detached: no gradient reaches it or, through it, the head.
+    """
+    rows, log_q = _rows_log_softmax(student, head)
+    _, log_p = _rows_log_softmax(teacher, head)
+    q, p = jnp.exp(log_q), jnp.exp(log_p)
+    if objective == "distill":
+        d_logits = q - p
+    else:
+        below = (q < p).astype(jnp.float32)
+        d_logits = q * (below - jnp.sum(below * q, axis=-1, keepdims=True))
+    d_logits = (d_logits * d_stat.reshape(-1, 1)).astype(head.dtype)
+    d_student = jnp.dot(d_logits, head.T, preferred_element_type=jnp.float32)
+    return (
+        _constrain(d_student.astype(student.dtype).reshape(student.shape)),
+        xla_cpu.weight_grad(rows, d_logits),
+    )
+
+
+def _drafter_scan(student, h0, head, chunk_size, objective, with_pred, xs, d_stat=None):
+    """`_drafter_chunk` (forward, `d_stat` None) or `_drafter_chunk_grad` (backward) over
+    depths (a scan) and chunks of positions (a scan): one chunk's logits alive at a time.
+
+    student [D, B, S, E], h0 [B, S, E] (the trunk's normed hidden, the teachers' input),
+    xs: (targets, mask) [D, B, S] forward, d_stat [D, B, S] backward.
+    Forward -> (stat [D, B, S], CE [D], correct [D], pred [D, B, S] or None);
+    backward -> (d student [D, B, S, E], d head [E, V] f32).
+    """
+    depth, seq = student.shape[0], student.shape[2]
+    n = seq // chunk_size
+    padded = jnp.pad(h0, ((0, 0), (0, depth), (0, 0)))  # teachers past S: ignored positions
+
+    def split(x):  # [B, S, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape((x.shape[0], n, chunk_size) + x.shape[2:]), 1, 0)
+
+    def merge(x):  # [n, B, c, ...] -> [B, S, ...]
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape((x.shape[0], seq) + x.shape[3:])
+
+    def per_chunk(fn, init, chunks):
+        if n == 1:
+            return fn(init, tuple(c[0] for c in chunks))
+        carry, ys = jax.lax.scan(fn, init, chunks)
+        return carry, jax.tree.map(merge, ys)
+
+    def depth_fwd(_, xs):
+        s, k, t, m = xs
+        teacher = jax.lax.dynamic_slice_in_dim(padded, k, seq, axis=1)
+
+        def chunk(acc, c):
+            stat, ce, correct, pred = _drafter_chunk(
+                _constrain(c[0]), _constrain(c[1]), head, c[2], c[3], objective, with_pred
+            )
+            return (acc[0] + ce, acc[1] + correct), (stat, pred)
+
+        zero = jnp.zeros((), jnp.float32)
+        (ce, correct), (stat, pred) = per_chunk(
+            chunk, (zero, zero), tuple(split(x) for x in (s, teacher, t, m))
+        )
+        return None, (stat, ce, correct, pred)
+
+    def depth_bwd(d_head, xs):
+        s, k, ds = xs
+        teacher = jax.lax.dynamic_slice_in_dim(padded, k, seq, axis=1)
+
+        def chunk(acc, c):
+            d_s, d_h = _drafter_chunk_grad(
+                _constrain(c[0]), _constrain(c[1]), head, c[2], objective
+            )
+            return acc + d_h, d_s
+
+        return per_chunk(chunk, d_head, tuple(split(x) for x in (s, teacher, ds)))
+
+    ks = jnp.arange(1, depth + 1)
+    if d_stat is None:
+        _, ys = jax.lax.scan(depth_fwd, None, (student, ks) + tuple(xs))
+        return ys
+    d_head, d_student = jax.lax.scan(
+        depth_bwd, jnp.zeros(head.shape, jnp.float32), (student, ks, d_stat)
+    )
+    return d_student, d_head
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _drafter_stats(student, h0, head, targets, mask, chunk_size, objective, with_pred):
+    """(stat [D, B, S], CE [D], correct [D], pred [D, B, S] or None); only stat has a VJP,
+    and it reaches student and head only (h0 is the detached teacher)."""
+    return _drafter_scan(student, h0, head, chunk_size, objective, with_pred, (targets, mask))
+
+
+def _drafter_stats_fwd(student, h0, head, targets, mask, chunk_size, objective, with_pred):
+    out = _drafter_stats(student, h0, head, targets, mask, chunk_size, objective, with_pred)
+    return out, (student, h0, head)
+
+
+def _drafter_stats_bwd(chunk_size, objective, with_pred, residuals, cotangents):
+    student, h0, head = residuals
+    d_student, d_head = _drafter_scan(
+        student, h0, head, chunk_size, objective, False, None, d_stat=cotangents[0]
+    )
+    return d_student, jnp.zeros_like(h0), d_head.astype(head.dtype), None, None
+
+
+_drafter_stats.defvjp(_drafter_stats_fwd, _drafter_stats_bwd)
+
+
+def drafter_terms(stat: Array, valid: Array, objective: str) -> Array:
+    """Per-position terms of the depths' objective: stat, valid [D, B, S] -> [D, B, S] f32,
+    zero where not `valid`. 'distill': the KL itself; 'tv': 1 - prod_{k<=j} alpha_k."""
+    if objective == "tv":
+        chain, terms = jnp.ones_like(stat[0]), []
+        for k in range(stat.shape[0]):
+            chain = chain * jnp.where(valid[k], stat[k], 1.0)
+            terms.append(1.0 - chain)
+        stat = jnp.stack(terms)
+    return jnp.where(valid, stat, 0.0)
+
+
+def mtp_loss(
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    mask: Array,
+    weights: Array,
+    objective: str = "ce",
+    chunk_size: int = 0,
+    with_pred: bool = True,
+) -> tuple[Array, DepthSums, Array | None]:
+    """The training loss with the depths' objective `objective` (see `OBJECTIVES`).
+
+    hidden [D+1, B, S, E], head [E, V], targets/mask [D+1, B, S], weights [D+1] (constants:
+    depth_weights over the `objective_mask` counts) -> (total [], DepthSums, predictions
+    [D+1, B, S] or None). total = weights[0] * (trunk CE sum) + sum_k weights[k] * (depth k's
+    objective sum). 'ce' is `weighted_cross_entropy`; for 'distill' and 'tv', DepthSums also
+    carries `objective` / `objective_count` [D+1], and its `loss` stays every depth's CE (for
+    the logs). chunk_size 0: one chunk of all S positions.
+    """
+    if objective == "ce":
+        return weighted_cross_entropy(hidden, head, targets, mask, weights, chunk_size, with_pred)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: expected one of {OBJECTIVES}")
+    if hidden.shape[0] < 2:
+        raise ValueError(f"objective {objective!r} needs MTP depths; hidden has only depth 0")
+    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+    seq = hidden.shape[2]
+    chunk = min(chunk_size or seq, seq)
+    if seq % chunk:
+        raise ValueError(f"chunk_size {chunk} does not divide the sequence length {seq}")
+    total0, sums0, pred0 = weighted_cross_entropy(
+        hidden[:1], head, targets[:1], mask[:1], weights[:1], chunk_size, with_pred
+    )
+    stat, ce, correct, pred = _drafter_stats(
+        hidden[1:],
+        jax.lax.stop_gradient(hidden[0]),
+        head,
+        targets[1:],
+        mask[1:],
+        chunk,
+        objective,
+        with_pred,
+    )
+    valid = objective_mask(mask, objective)
+    terms = drafter_terms(stat, valid[1:], objective).sum((1, 2))
+    total = total0 + jnp.sum(weights[1:] * terms)
+    sums = DepthSums(
+        loss=jnp.concatenate([sums0.loss, ce]),
+        correct=jnp.concatenate([sums0.correct, correct]),
+        count=mask.sum((1, 2)).astype(jnp.float32),
+        objective=jnp.concatenate([sums0.loss, terms]),
+        objective_count=valid.sum((1, 2)).astype(jnp.float32),
+    )
+    if with_pred:
+        pred = jnp.concatenate([pred0, pred])
+    return total, jax.lax.stop_gradient(sums), (pred if with_pred else None)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from mtp_jax.config import mtp_lambdas
-from mtp_jax.model.model import Model
+from mtp_jax.config import lambda_points, mtp_lambdas
+from mtp_jax.model.model import Model, mtp_param_mask
 from mtp_jax.sharding import LOGICAL_RULES, logical_shardings, with_shardings
 from mtp_jax.window import WindowSpec
 
@@ -54,9 +54,13 @@ def lr_schedule(config: Any) -> optax.Schedule:
 
 def lambda_schedule(config: Any):
     """step -> lambdas [D]: loss.mtp_lambda(_per_depth), switched to loss.mtp_lambda_final
-    at loss.mtp_lambda_switch_step (-1: when the LR starts to decay), as DeepSeek-V3 did."""
-    initial = jnp.asarray(mtp_lambdas(config), jnp.float32)
+    at loss.mtp_lambda_switch_step (-1: when the LR starts to decay), as DeepSeek-V3 did;
+    or loss.mtp_lambda_schedule's curriculum (`piecewise_lambdas`)."""
     lo = config.loss
+    if lo.mtp_lambda_schedule:
+        points = lambda_points(lo.mtp_lambda_schedule, config.model.mtp_depth)
+        return piecewise_lambdas(points, config.train.steps)
+    initial = jnp.asarray(mtp_lambdas(config), jnp.float32)
     if lo.mtp_lambda_final < 0:
         return lambda step: initial
     switch = lo.mtp_lambda_switch_step
@@ -65,15 +69,58 @@ def lambda_schedule(config: Any):
     return lambda step: jnp.where(step >= switch, final, initial)
 
 
+def piecewise_lambdas(points: list[tuple[float, tuple[float, ...]]], steps: int):
+    """step -> lambdas [D], linear between the (training fraction, lambdas) `points` (at
+    step = fraction * steps), constant before the first and after the last; two points at one
+    fraction jump there (the later one holds from that step on).
+
+    modded-nanogpt's record run (D=2; its weights [1, .5, .25->0], then [1, .5->0], then [1]
+    over three thirds, the 1 being the next-token loss): MTP early, next-token only at the end:
+        ((0, (0.5, 0.25)), (1/3, (0.5, 0.0)), (2/3, (0.0, 0.0)))
+    The opposite NTP -> MTP curriculum (BabyLM 2025: helps small models), e.g. next-token only
+    for the first half, then a ramp to 0.3 over a tenth of training:
+        ((0, (0.0, 0.0)), (0.5, (0.0, 0.0)), (0.6, (0.3, 0.3)))
+    """
+    xs = [f * steps for f, _ in points]
+    ys = [jnp.asarray(w, jnp.float32) for _, w in points]
+
+    def lambdas(step):
+        step = jnp.asarray(step, jnp.float32)
+        value = ys[0]
+        for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False):
+            # segments in order, each from its first step on (a later one overrides)
+            if x1 > x0:
+                segment = y0 + jnp.clip((step - x0) / (x1 - x0), 0.0, 1.0) * (y1 - y0)
+            else:  # two points at one fraction: a jump
+                segment = y1
+            value = jnp.where(step >= x0, segment, value)
+        return jnp.where(step >= xs[-1], ys[-1], value)
+
+    return lambdas
+
+
 def _decay_mask(params: Any) -> Any:
     """Weight decay on matrices only (not on norm scales)."""
     return jax.tree.map(lambda p: p.ndim > 1, nn.unbox(params))
 
 
+def trainable_mask(config: Any, params: Any) -> Any:
+    """A tree of bools like the (unboxed) params: which leaves train.trainable updates."""
+    params = nn.unbox(params)
+    if config.train.trainable == "mtp":
+        return mtp_param_mask(params)
+    return jax.tree.map(lambda _: True, params)
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
-    """AdamW with the LR schedule and optional global-norm clipping."""
+    """AdamW with the LR schedule and optional global-norm clipping.
+
+    train.trainable='mtp': the same optimizer on the MTP depths only (the clipping norm too);
+    the frozen leaves get zero updates and no optimizer state (`optax.MaskedNode`s in place of
+    their moments), so the state holds nothing trunk- or vocab-sized.
+    """
     t = config.train
-    adamw = optax.adamw(
+    tx = optax.adamw(
         lr_schedule(config),
         b1=t.b1,
         b2=t.b2,
@@ -82,8 +129,14 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
         mask=_decay_mask,
     )
     if t.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-    return adamw
+        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+    if t.trainable == "all":
+        return tx
+
+    def labels(params):
+        return jax.tree.map(lambda m: "train" if m else "frozen", trainable_mask(config, params))
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _init_fn(model: Model, tx: optax.GradientTransformation, example: jax.Array):

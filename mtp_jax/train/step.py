@@ -17,15 +17,17 @@ from jax.sharding import Mesh
 
 from mtp_jax.loss import (
     DepthSums,
+    accept_length,
     depth_weights,
     draft_agreement,
+    mtp_loss,
     mtp_targets,
-    weighted_cross_entropy,
+    objective_mask,
 )
 from mtp_jax.model.config import ModelConfig
 from mtp_jax.model.model import Model
 from mtp_jax.sharding import LOGICAL_RULES, batch_sharding, replicated, with_shardings
-from mtp_jax.train.state import TrainState, lambda_schedule, lr_schedule
+from mtp_jax.train.state import TrainState, lambda_schedule, lr_schedule, trainable_mask
 from mtp_jax.window import WindowSpec
 
 Batch = dict[str, jax.Array]
@@ -52,12 +54,17 @@ def loss_and_metrics(
     targets: tuple[jax.Array, jax.Array] | None = None,
     counts: jax.Array | None = None,
     with_pred: bool = True,
+    objective: str = "ce",
+    mixing_rng: jax.Array | None = None,
+    detach_trunk: bool = False,
 ) -> tuple[jax.Array, tuple[DepthSums, jax.Array | None, jax.Array]]:
     """The training objective of one batch: the model's features and head, then the loss.
 
     batch: {'tokens': [B, S+D+1] int32, 'segment_ids': [B, S+D+1] int32 (optional)};
     targets: (targets, mask) [D+1, B, S] from `mtp_targets` when the caller has them already;
-    counts [D+1] overrides the loss denominators (the whole batch's, for microbatches).
+    counts [D+1] overrides the loss denominators (the whole batch's `objective_mask` counts,
+    for microbatches); objective: the depths' loss (`loss.mtp_objective`, see `mtp_loss`);
+    mixing_rng, detach_trunk: training options of the model's forward (`Model.features`).
     Returns (loss, (sums, predictions [D+1, B, S] (None without `with_pred`), mask)).
     """
     tokens, seg = batch["tokens"], batch.get("segment_ids")
@@ -68,12 +75,15 @@ def loss_and_metrics(
         {"params": params},
         tokens[:, :-1],
         None if seg is None else seg[:, :-1],
+        mixing_rng,
+        detach_trunk,
         method="features_and_head",
     )
-    counts = mask.sum((1, 2)).astype(jnp.float32) if counts is None else counts
+    if counts is None:
+        counts = objective_mask(mask, objective).sum((1, 2)).astype(jnp.float32)
     weights = depth_weights(lambdas, counts)
-    loss, sums, pred = weighted_cross_entropy(
-        hidden, head, target, mask, weights, chunk_size, with_pred
+    loss, sums, pred = mtp_loss(
+        hidden, head, target, mask, weights, objective, chunk_size, with_pred
     )
     return loss, (sums, pred, mask)
 
@@ -82,11 +92,27 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
     """train_step(state, batch) -> (state, metrics); pure, to be jitted.
 
     batch: {'tokens': [B, S+D+1] int32, 'segment_ids': [B, S+D+1] int32}.
-    metrics: loss, loss_sum/correct/count [D+1], grad/param/update norms, lr, lambdas [D].
+    metrics: loss, loss_sum/correct/count [D+1], grad/param/update norms, lr, lambdas [D]
+    (and objective_sum/objective_count [D+1] with loss.mtp_objective distill or tv),
+    nonfinite (1 when the loss or the gradient norm is NaN or infinite). With
+    train.on_nonfinite='skip' such a step leaves params and optimizer state as they were.
+
+    train.trainable='mtp': the frozen parameters enter the loss through `stop_gradient` (no
+    backward pass through the trunk) and come out of the step unchanged, bit for bit.
+
+    model.mtp_hidden_mixing > 0: the mixing key is fold_in(key(seed), step) (split per
+    microbatch), a function of the step alone, so a resumed run draws the same mixing.
+    loss.mtp_detach_trunk: the depths' loss reaches neither the trunk nor the embeddings
+    the depths read (`Model.features`).
     """
     depth = config.model.mtp_depth
     chunk = config.loss.chunk_size
+    objective = config.loss.mtp_objective
+    frozen = config.train.trainable != "all"
     n_micro = config.train.microbatches
+    skip_nonfinite = config.train.on_nonfinite == "skip"
+    mixing = config.model.mtp_hidden_mixing > 0
+    detach_trunk = config.loss.mtp_detach_trunk
     lambdas_at = lambda_schedule(config)
     lr_at = lr_schedule(config)
 
@@ -95,12 +121,18 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
         # Targets and masks once per step. Whole-batch token counts per depth: every
         # microbatch divides by these, so the accumulated gradient is exactly the full batch's.
         targets = mtp_targets(batch["tokens"], batch.get("segment_ids"), depth)
-        counts = targets[1].sum((1, 2)).astype(jnp.float32)
+        counts = objective_mask(targets[1], objective).sum((1, 2)).astype(jnp.float32)
+        mask = trainable_mask(config, state.params) if frozen else None
+        rng = jax.random.fold_in(jax.random.key(config.seed), state.step) if mixing else None
 
         def grad_of(micro):
-            micro_batch, micro_targets = micro
+            micro_batch, micro_targets, micro_rng = micro
 
             def loss_fn(params):
+                if frozen:
+                    params = jax.tree.map(
+                        lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask
+                    )
                 return loss_and_metrics(
                     model,
                     params,
@@ -110,25 +142,51 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
                     micro_targets,
                     counts,
                     with_pred=False,
+                    objective=objective,
+                    mixing_rng=micro_rng,
+                    detach_trunk=detach_trunk,
                 )
+
+            if "poison" in micro_batch:  # train.nan_batches: a fault drill
+                plain_loss_fn = loss_fn
+
+                def loss_fn(params):
+                    loss, aux = plain_loss_fn(params)
+                    return loss * jnp.max(micro_batch["poison"]), aux
 
             (loss, (sums, _, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             return loss, sums, grads
 
         if n_micro == 1:
-            loss, sums, grads = grad_of((batch, targets))
+            loss, sums, grads = grad_of((batch, targets, rng))
         else:
 
             def accumulate(carry, micro):
                 return jax.tree.map(jnp.add, carry, grad_of(micro)), None
 
             # batch rows on axis 0, targets / masks [D+1, B, S] on axis 1
-            micro = (_split_microbatches(batch, n_micro), _split_microbatches(targets, n_micro, 1))
+            micro = (
+                _split_microbatches(batch, n_micro),
+                _split_microbatches(targets, n_micro, 1),
+                None if rng is None else jax.random.split(rng, n_micro),
+            )
             first = grad_of(jax.tree.map(lambda x: x[0], micro))
             rest = jax.tree.map(lambda x: x[1:], micro)
             (loss, sums, grads), _ = jax.lax.scan(accumulate, first, rest)
 
         new_state, norms = apply_gradients(tx, state, grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(norms["grad_norm"])
+        if skip_nonfinite:  # train.on_nonfinite='skip': a bad batch changes nothing but step
+            new_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                new_state,
+                state.replace(step=state.step + 1),
+            )
+        if frozen:  # exactly the old values (not p + 0, which would turn -0.0 into 0.0)
+            params = jax.tree.map(
+                lambda new, old, m: new if m else old, new_state.params, state.params, mask
+            )
+            new_state = new_state.replace(params=params)
         metrics = {
             "loss": loss,
             "loss_sum": sums.loss,
@@ -137,6 +195,8 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
             **norms,
             "lr": lr_at(state.step),
             "lambdas": lambdas,
+            "nonfinite": (~finite).astype(jnp.int32),
+            **objective_metrics(sums),
         }
         return new_state, metrics
 
@@ -161,20 +221,30 @@ def apply_gradients(
 
 
 def make_eval_step(config: Any, model: Model):
-    """eval_step(params, batch) -> sums per depth and draft agreement with depth 0."""
+    """eval_step(params, batch) -> sums per depth, draft agreement with depth 0 and, with MTP
+    depths, the simulated greedy acceptance length (`accept_sum` / `accept_count`, from the
+    same predictions: no extra forward pass)."""
     depth = config.model.mtp_depth
     chunk = config.loss.chunk_size
+    objective = config.loss.mtp_objective
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
         lambdas = jnp.zeros((depth,), jnp.float32)
-        _, (sums, pred, mask) = loss_and_metrics(model, params, batch, lambdas, chunk)
+        _, (sums, pred, mask) = loss_and_metrics(
+            model, params, batch, lambdas, chunk, objective=objective
+        )
         agree, agree_count = draft_agreement(pred, mask)
+        accept = {}
+        if depth:
+            accept = dict(zip(("accept_sum", "accept_count"), accept_length(pred, mask)))
         return {
             "loss_sum": sums.loss,
             "correct": sums.correct,
             "count": sums.count,
             "agree": agree,
             "agree_count": agree_count,
+            **accept,
+            **objective_metrics(sums),
         }
 
     return eval_step
@@ -193,12 +263,18 @@ def compile_steps(config: Any, model: Model, tx, mesh: Mesh, state_shardings: An
     Returns (train_step, eval_step) compiled executables.
     """
     batch_abstract = WindowSpec.from_config(config).abstract_batch(batch_sharding(mesh))
+    train_batch = dict(batch_abstract)
+    if config.train.nan_batches:  # the drill's per-example loss factor (1 or NaN)
+        poison = jax.ShapeDtypeStruct(
+            (config.data.batch_size,), jnp.float32, sharding=batch_sharding(mesh)
+        )
+        train_batch["poison"] = poison
     state_abstract = with_shardings(abstract, state_shardings)
     repl = replicated(mesh)
     bsh = {k: batch_sharding(mesh) for k in batch_abstract}
     train = jax.jit(
         make_train_step(config, model, tx),
-        in_shardings=(state_shardings, bsh),
+        in_shardings=(state_shardings, {k: batch_sharding(mesh) for k in train_batch}),
         out_shardings=(state_shardings, repl),
         donate_argnums=0,
     )
@@ -208,9 +284,16 @@ def compile_steps(config: Any, model: Model, tx, mesh: Mesh, state_shardings: An
         out_shardings=repl,
     )
     with mesh_context(mesh):
-        train_c = train.lower(state_abstract, batch_abstract).compile()
+        train_c = train.lower(state_abstract, train_batch).compile()
         eval_c = evaluate.lower(state_abstract.params, batch_abstract).compile()
     return train_c, eval_c
+
+
+def objective_metrics(sums: DepthSums) -> dict[str, jax.Array]:
+    """objective_sum / objective_count [D+1] of a drafter objective; {} for 'ce'."""
+    if sums.objective is None:
+        return {}
+    return {"objective_sum": sums.objective, "objective_count": sums.objective_count}
 
 
 def depth_sums(metrics: dict[str, Any]) -> DepthSums:
