@@ -15,6 +15,7 @@ from mtp_jax.checks import Check, boolean, choice, fail, integer, number
 DTYPES = ("float32", "bfloat16", "float16")  # names of jax.numpy dtypes (no jax import here)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MTP_LAYOUTS = ("sequential", "parallel")
+MTP_CHAIN_INPUTS = ("trunk", "normed")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
@@ -43,6 +44,24 @@ class ModelConfig:
         "sequential",
         "'sequential' (DeepSeek-V3 chain) or 'parallel' (Meta heads)",
         choice(MTP_LAYOUTS),
+    )
+    mtp_share_depths: bool = setting(
+        False,
+        "sequential: one depth module (block, norms, projection) applied at every depth "
+        "(parameters independent of D); False = D stacked depths",
+        boolean(),
+    )
+    mtp_hidden_mixing: float = setting(
+        0.0,
+        "sequential, training only: probability that depth k >= 2 reads, per token, an earlier "
+        "state h^0..h^{k-2} (uniform) instead of h^{k-1}; 0 = off (Megatron-LM #6566)",
+        number(0, 1),
+    )
+    mtp_chain_input: str = setting(
+        "trunk",
+        "h^0 the MTP depths read: 'trunk' (residual stream before the final norm) or "
+        "'normed' (after it, as vLLM/SGLang feed DeepSeek-V3 MTP layers)",
+        choice(MTP_CHAIN_INPUTS),
     )
     dtype: str = setting("float32", "compute dtype of activations and matmuls", choice(DTYPES))
     param_dtype: str = setting("float32", "storage dtype of parameters", choice(DTYPES))
@@ -103,6 +122,27 @@ class ModelConfig:
                 prefix + "n_kv_heads",
                 v["n_kv_heads"],
                 f"a divisor of {prefix}n_heads={v['n_heads']} (grouped-query attention)",
+            )
+        if v["mtp_share_depths"] and v["mtp_layout"] != "sequential":
+            fail(
+                prefix + "mtp_share_depths",
+                v["mtp_share_depths"],
+                f"False with {prefix}mtp_layout={v['mtp_layout']!r}: parallel heads all read "
+                "h^0, so one shared head would predict the same token at every depth",
+            )
+        if v["mtp_hidden_mixing"] and v["mtp_layout"] != "sequential":
+            fail(
+                prefix + "mtp_hidden_mixing",
+                v["mtp_hidden_mixing"],
+                f"0 with {prefix}mtp_layout={v['mtp_layout']!r}: parallel heads all read h^0, "
+                "there are no earlier depth states to mix",
+            )
+        if v["mtp_hidden_mixing"] and v["mtp_depth"] < 2:
+            fail(
+                prefix + "mtp_depth",
+                v["mtp_depth"],
+                f">= 2 with {prefix}mtp_hidden_mixing={v['mtp_hidden_mixing']} (depth k >= 2 "
+                "mixes in earlier states), or set the mixing to 0",
             )
         if v["head_dim"] % 2:
             fail(prefix + "head_dim", v["head_dim"], "an even number (rotary embedding pairs)")

@@ -57,8 +57,23 @@ class Model(nn.Module):
         hidden = self.features(tokens, segment_ids)
         return ModelOutput(logits=self.logits(hidden), hidden=hidden)
 
-    def features(self, tokens: Array, segment_ids: Array | None = None) -> Array:
-        """tokens [B, S+D] -> normed hidden states [D+1, B, S, E] (depth 0 = trunk)."""
+    def features(
+        self,
+        tokens: Array,
+        segment_ids: Array | None = None,
+        mixing_rng: Array | None = None,
+        detach_trunk: bool = False,
+    ) -> Array:
+        """tokens [B, S+D] -> normed hidden states [D+1, B, S, E] (depth 0 = trunk).
+
+        Training options (eval and decoding use neither):
+        mixing_rng: the key of hidden-state mixing (`model.mtp_hidden_mixing`, sequential).
+        detach_trunk (`loss.mtp_detach_trunk`): the depths read the trunk's h^0 and the
+          embeddings Emb(t[i+k]) through `stop_gradient`, so their loss trains the depths and
+          the shared output head only: the trunk, and the embedding table by its input path,
+          get no gradient from it (with tied embeddings the table still gets the depths'
+          gradient as the head, as it does the trunk's).
+        """
         cfg = self.cfg
         depth = cfg.mtp_depth
         seq = tokens.shape[1] - depth
@@ -73,18 +88,28 @@ class Model(nn.Module):
         out0 = self.final_norm(h0)[None]
         if not depth:
             return out0
+        if cfg.mtp_chain_input == "normed":
+            h0 = out0[0]
+        stop = jax.lax.stop_gradient if detach_trunk else (lambda x: x)
+        h0 = stop(h0)
         if cfg.mtp_layout == "sequential":
             shifted = all_depth_tokens(tokens, depth, seq)  # [D, B, S]
-            outs, _ = self.mtp(h0, self.embed(shifted), positions, seg)
+            embs = stop(self.embed(shifted))
+            outs, _ = self.mtp(h0, embs, positions, seg, mixing_rng=mixing_rng)
         else:
             outs, _ = self.mtp(h0, positions, seg)
         return jnp.concatenate([out0, outs], axis=0)
 
     def features_and_head(
-        self, tokens: Array, segment_ids: Array | None = None
+        self,
+        tokens: Array,
+        segment_ids: Array | None = None,
+        mixing_rng: Array | None = None,
+        detach_trunk: bool = False,
     ) -> tuple[Array, Array]:
         """(features [D+1, B, S, E], head_matrix [E, V]): what the chunked loss needs."""
-        return self.features(tokens, segment_ids), self.head_matrix()
+        features = self.features(tokens, segment_ids, mixing_rng, detach_trunk)
+        return features, self.head_matrix()
 
     def head_matrix(self) -> Array:
         """The shared output head [E, V] in the compute dtype (tied: embedding transposed)."""
@@ -111,3 +136,9 @@ class Model(nn.Module):
         from mtp_jax.model.decoding import Decoder
 
         return Decoder(ModelConfig.from_any(self.config))
+
+
+def mtp_param_mask(params: Any) -> Any:
+    """A tree of bools shaped like the (unboxed) `params`: True on the MTP depths' own
+    parameters, False on the trunk and on what the depths share with it (embedding, head)."""
+    return {name: jax.tree.map(lambda _, n=name: n == "mtp", sub) for name, sub in params.items()}
