@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the checkpoint, generates, and returns the JSON-able result."""
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not -(2**63) <= args.seed < 2**63:
+        raise UsageError(f"--seed must fit in 64 bits (a signed integer), got {args.seed}")
     config, params = _load(args.workdir, args.step, args.overrides)
 
     import jax

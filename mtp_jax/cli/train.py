@@ -78,7 +78,8 @@ def entry() -> int:
 
 def main(argv: list[str] | None = None, on_step=None) -> int:
     """`mtp-train` in this process; returns the exit status (2: a usage, config or data
-    error; 3: a non-finite loss). `on_step(step)` is passed to `mtp_jax.train.train`."""
+    error, a workdir that cannot be written or is in use, a failed write; 3: a non-finite
+    loss). `on_step(step)` is passed to `mtp_jax.train.train`."""
     args, overrides = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     )
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for logger in ("absl", "asyncio", "concurrent.futures"):
+        logging.getLogger(logger).addFilter(_storage_noise)
     _enable_compilation_cache()
     from mtp_jax import distributed
     from mtp_jax.data import DataError
@@ -108,7 +111,13 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
             )
         except ValueError as e:  # missing multi-process flags: a usage error
             raise ConfigError(str(e)) from e
-        os.makedirs(args.workdir, exist_ok=True)
+        if not args.compile_only and "://" not in args.workdir:
+            try:
+                os.makedirs(args.workdir, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot create the workdir {args.workdir} ({e.strerror or e})"
+                ) from e
         result = train(config, args.workdir, compile_only=args.compile_only, on_step=on_step)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"mtp-train: error: {e}", file=sys.stderr)
@@ -134,6 +143,28 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     if result.status == "completed" and not args.no_sample and jax.process_index() == 0:
         _print_sample(config, result.state.params)
     return 0
+
+
+_STORAGE_FAILURES = (
+    "No space left on device",
+    "Read-only file system",
+    # what the interrupted writes of a failed save report as the process exits
+    "Event loop is closed",
+    "cannot schedule new futures after interpreter shutdown",
+)
+
+
+def _storage_noise(record: logging.LogRecord) -> bool:
+    """Drops Orbax's background-thread tracebacks of a failed write to a full (or read-only)
+    disk: the run stops with one `StorageError` naming the path and the intact checkpoint."""
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        error, seen = record.exc_info[1], set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            text += " " + str(error)
+            error = error.__cause__ or error.__context__
+    return not any(f in text for f in _STORAGE_FAILURES)
 
 
 def _enable_compilation_cache() -> None:

@@ -56,12 +56,23 @@ class StoreWindowSource:
     (worker processes reopen them).
     """
 
-    def __init__(self, path: str, split: str, seq_len: int, mtp_depth: int):
+    def __init__(
+        self,
+        path: str,
+        split: str,
+        seq_len: int,
+        mtp_depth: int,
+        vocab_size: int | None = None,
+        verify_tokens: int = 0,
+    ):
         self.path, self.split = path, split
         self.seq_len, self.mtp_depth = seq_len, mtp_depth
+        self.vocab_size = vocab_size
         self.window = WindowSpec(seq_len, mtp_depth).length
         self._store: store_lib.StoreSplit | None = None
         n_tokens = self._split().num_tokens
+        if verify_tokens:
+            store_lib.scan_tokens(self._split(), vocab_size, verify_tokens)
         self._len = num_windows(n_tokens, seq_len, mtp_depth)
         if self._len == 0:
             raise DataError(
@@ -87,7 +98,15 @@ class StoreWindowSource:
         store = self._split()
         starts = np.asarray(indices, dtype=np.int64) * self.seq_len
         reads = [store.tokens[s : s + self.window].read() for s in starts.tolist()]
-        tokens = np.stack([r.result() for r in reads]).astype(np.int32)
+        rows = []
+        for s, r in zip(starts.tolist(), reads, strict=True):
+            try:
+                rows.append(r.result())
+            except ValueError:  # name the unreadable chunk
+                rows.append(store_lib.read_tokens(store, s, s + self.window))
+            if self.vocab_size is not None:  # never a silent wrong batch
+                store_lib.check_ids(store, rows[-1], s, self.vocab_size)
+        tokens = np.stack(rows).astype(np.int32)
         positions = starts[:, None] + np.arange(self.window)
         doc_index = np.searchsorted(store.offsets, positions, side="right")
         return {"tokens": tokens, "segment_ids": _segment_ids(doc_index)}
@@ -230,7 +249,9 @@ def make_source(
         return SyntheticWindowSource(vocab_size, seq_len, mtp_depth, seed=split_seed)
     path = store_path(data_cfg)
     check_manifest(path, store_lib.load_manifest(path), data_cfg.tokenizer, vocab_size)
-    return StoreWindowSource(path, split, seq_len, mtp_depth)
+    return StoreWindowSource(
+        path, split, seq_len, mtp_depth, vocab_size, data_cfg.get("verify_tokens", 0)
+    )
 
 
 def make_dataset(
@@ -276,30 +297,14 @@ def make_dataset(
         )
     if not 0 <= p < n_proc:
         raise DataError(f"process_index={p} is not in [0, process_count={n_proc})")
+    where = dict(seq_len=seq_len, mtp_depth=mtp_depth, split=split, seed=seed)
     if data_cfg.get("mixture"):
-        return _batches(
-            data_cfg,
-            *_mixture_order(
-                data_cfg,
-                seq_len=seq_len,
-                mtp_depth=mtp_depth,
-                split=split,
-                seed=seed,
-                vocab_size=vocab_size,
-                total_steps=total_steps,
-                shuffle=data_cfg.shuffle if shuffle is None else shuffle,
-            ),
-            p,
-            n_proc,
+        shuffle = data_cfg.shuffle if shuffle is None else shuffle
+        order, sources = _mixture_order(
+            data_cfg, **where, vocab_size=vocab_size, total_steps=total_steps, shuffle=shuffle
         )
-    source = make_source(
-        data_cfg,
-        seq_len=seq_len,
-        mtp_depth=mtp_depth,
-        split=split,
-        seed=seed,
-        vocab_size=vocab_size,
-    )
+        return _batches(data_cfg, order, sources, p, n_proc)
+    source = make_source(data_cfg, **where, vocab_size=vocab_size)
     if len(source) < B and not repeat:
         raise DataError(
             f"{source!r} has {len(source)} windows, fewer than one global batch of {B}: lower "
@@ -335,7 +340,10 @@ def _mixture_order(
     mixture_lib.check_compatible(manifests)
     for path, manifest in manifests:
         check_manifest(path, manifest, data_cfg.tokenizer, vocab_size)
-    sources = [StoreWindowSource(s.path, split, seq_len, mtp_depth) for s in mixed]
+    verify = data_cfg.get("verify_tokens", 0)
+    sources = [
+        StoreWindowSource(s.path, split, seq_len, mtp_depth, vocab_size, verify) for s in mixed
+    ]
     order = MixtureOrder(
         [len(s) for s in sources],
         [s.name for s in mixed],

@@ -145,13 +145,51 @@ def load_manifest(path: str) -> dict[str, Any]:
             f"token store {path!r} does not exist: prepare it with `mtp-prepare --corpus CORPUS "
             f"--out {path}` (or mtp_jax.data.ensure_store)"
         )
+    if not isinstance(manifest, dict):
+        raise _bad_manifest(path, f"it holds a {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"token store {path!r} has format {manifest.get('format')!r} version "
             f"{manifest.get('format_version')!r}; this mtp_jax reads {FORMAT!r} version "
             f"{FORMAT_VERSION}: prepare it again"
         )
+    _check_fields(path, manifest)
     return manifest
+
+
+def _bad_manifest(path: str, why: str) -> DataError:
+    return DataError(
+        f"token store {path!r}: {MANIFEST} is corrupt ({why}); delete the store and prepare it "
+        "again"
+    )
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_fields(path: str, manifest: dict[str, Any]) -> None:
+    """The fields mtp_jax reads, with their types (a manifest edited by hand, or damaged)."""
+    for key, ok, what in (
+        ("tokenizer", lambda v: isinstance(v, str) and v, "a tokenizer name"),
+        ("tokenizer_sha256", lambda v: v is None or isinstance(v, str), "a hex digest or null"),
+        ("vocab_size", lambda v: _is_count(v) and v > 0, "a positive integer"),
+        ("splits", lambda v: isinstance(v, dict), "an object of splits"),
+    ):
+        if key not in manifest:
+            raise _bad_manifest(path, f"no {key!r} field")
+        if not ok(manifest[key]):
+            raise _bad_manifest(path, f"{key!r} is {manifest[key]!r}, not {what}")
+    for split in SPLITS:
+        counts = manifest["splits"].get(split)
+        if not (
+            isinstance(counts, dict)
+            and _is_count(counts.get("docs"))
+            and _is_count(counts.get("tokens"))
+        ):
+            raise _bad_manifest(
+                path, f"splits.{split} is {counts!r}, not {{'docs': n, 'tokens': n}}"
+            )
 
 
 def open_split(path: str, split: str) -> StoreSplit:
@@ -171,10 +209,70 @@ def open_split(path: str, split: str) -> StoreSplit:
             f"{split}: manifest says {counts['tokens']} tokens / {counts['docs']} documents, "
             f"arrays hold {tokens.shape[0]} tokens / {offsets_ts.shape[0] - 1} documents",
         )
-    offsets = np.asarray(offsets_ts.read().result(), dtype=np.int64)
+    try:
+        offsets = np.asarray(offsets_ts.read().result(), dtype=np.int64)
+    except ValueError as e:
+        raise corrupt(path, f"{split}/offsets cannot be read ({e})") from e
     if offsets[0] != 0 or offsets[-1] != counts["tokens"]:
         raise _incomplete(path, f"{split}: document offsets do not span the token array")
+    if np.any(np.diff(offsets) < 0):
+        bad = int(np.argmax(np.diff(offsets) < 0))
+        raise corrupt(path, f"{split}/offsets decrease after document {bad}")
     return StoreSplit(path=path, split=split, tokens=tokens, offsets=offsets, manifest=manifest)
+
+
+def corrupt(path: str, why: str) -> DataError:
+    return DataError(
+        f"token store {path!r} is corrupt: {why}. Prepare it again (mtp-prepare --corpus ... "
+        f"--out {path})"
+    )
+
+
+def read_tokens(split: StoreSplit, start: int, stop: int) -> np.ndarray:
+    """tokens[start:stop] of `split`; DataError naming the chunk file when one is unreadable
+    (truncated, overwritten), instead of a tensorstore traceback."""
+    try:
+        return split.tokens[start:stop].read().result()
+    except ValueError as e:
+        first, last = start // CHUNK_TOKENS, max(start, stop - 1) // CHUNK_TOKENS
+        for chunk in range(first, last + 1):  # name the first bad chunk
+            lo, hi = chunk * CHUNK_TOKENS, min(split.num_tokens, (chunk + 1) * CHUNK_TOKENS)
+            try:
+                split.tokens[lo:hi].read().result()
+            except ValueError:
+                raise corrupt(
+                    split.path,
+                    f"chunk file {join(split.path, split.split, 'tokens', str(chunk))} (tokens "
+                    f"[{lo}, {hi})) cannot be read ({str(e).splitlines()[0][:200]})",
+                ) from e
+        why = f"{split.split} tokens [{start}, {stop}) cannot be read: {e}"
+        raise corrupt(split.path, why) from e
+
+
+def check_ids(split: StoreSplit, block: np.ndarray, start: int, vocab_size: int) -> None:
+    """DataError naming the position when `block` (tokens from `start`) holds an id that is
+    not below `vocab_size` (model.vocab_size)."""
+    if block.size and int(block.max()) >= vocab_size:
+        i = int(np.argmax(block >= vocab_size))
+        raise corrupt(
+            split.path,
+            f"{split.split} token {start + i} has id {int(block.flat[i])}, not below "
+            f"model.vocab_size={vocab_size} (the manifest says a {split.manifest['vocab_size']}"
+            "-token vocabulary)",
+        )
+
+
+def scan_tokens(split: StoreSplit, vocab_size: int | None, limit: int) -> int:
+    """Reads the first `limit` tokens of `split` (all if fewer) and checks every chunk decodes
+    and every id is below `vocab_size`; returns the tokens scanned. DataError names the store,
+    the split and the chunk or position."""
+    n = min(split.num_tokens, max(limit, 0))
+    step = CHUNK_TOKENS * 64
+    for start in range(0, n, step):
+        block = read_tokens(split, start, min(n, start + step))
+        if vocab_size is not None:
+            check_ids(split, block, start, vocab_size)
+    return n
 
 
 # ------------------------------------------------------------------------------ writing

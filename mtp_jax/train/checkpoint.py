@@ -29,6 +29,25 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was required."""
 
 
+class StorageError(CheckpointError):
+    """A write to the workdir failed (a full disk, a lost mount); the message names the path
+    and, for a checkpoint, the newest complete one, which is intact."""
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (Orbax and tensorstore wrap them), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        text = str(e)
+        if "No space left on device" in text or "Read-only file system" in text:
+            return OSError(text)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     """WORKDIR/checkpoints, absolute (Orbax needs absolute paths; URLs such as gs:// stay)."""
     workdir = os.fspath(workdir)
@@ -89,17 +108,53 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iter: Any | None = None, force: bool = False):
-        """Starts an (async) save of step `step`; returns whether a save was started."""
+        """Starts an (async) save of step `step`; returns whether a save was started.
+
+        A failed write (this save's, or the previous async one's) raises `StorageError`.
+        """
         items = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(self.config.to_dict()),
         }
         if data_iter is not None:
             items["data"] = ocp.args.JsonSave(data_iter.get_state())
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.check()
+        with self._storage_errors(step):
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def check(self) -> None:
+        """Raises `StorageError` now if the last async save failed (cheap: no wait)."""
+        with self._storage_errors(None):
+            self.manager.check_for_errors()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._storage_errors(None):
+            self.manager.wait_until_finished()
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose checkpoint directory is committed (Orbax renames a finished save's
+        temporary directory to the bare step number)."""
+        directory = os.fspath(self.manager.directory)
+        if "://" in directory or not os.path.isdir(directory):
+            return self.all_steps()
+        return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+    @contextlib.contextmanager
+    def _storage_errors(self, step: int | None):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - only storage failures are translated
+            os_error = _os_error(e)
+            if os_error is None:
+                raise
+            done = self.complete_steps()
+            newest = f"step {done[-1]}, intact" if done else "none"
+            which = f"of step {step} " if step is not None else ""
+            raise StorageError(
+                f"checkpoint save {which}to {os.fspath(self.manager.directory)} failed: "
+                f"{os_error.strerror or os_error}. Newest complete checkpoint: {newest}. Free "
+                "space (or fix the mount) and run the same command again to resume from it."
+            ) from e
 
     def restore(self, target: Any, data_iter: Any | None = None, step: int | None = None):
         """Restores the newest readable checkpoint (or `step`) onto `target`'s shardings.
@@ -139,8 +194,12 @@ class Checkpointer:
         return None, None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save (`StorageError` if it failed) and closes the manager."""
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                self.manager.close()
 
 
 def saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[ConfigDict, int]:

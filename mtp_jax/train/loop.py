@@ -3,6 +3,7 @@ compile -> restore -> loop (metrics, eval, checkpoints, preemption, non-finite s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,6 +33,8 @@ from mtp_jax.train.metrics import MetricWriter, eval_summary, train_summary
 from mtp_jax.train.mfu import device_peak_flops
 from mtp_jax.train.state import abstract_state, init_state, make_optimizer
 from mtp_jax.train.step import compile_steps
+from mtp_jax.train.warm_start import warm_start
+from mtp_jax.train.workdir import check_writable, workdir_lock
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +220,15 @@ def train(
         jax.process_index(),
         jax.process_count(),
     )
+    if compile_only:  # writes nothing to the workdir
+        return _train(config, workdir, mesh, True, progress, on_step)
+    check_writable(workdir)
+    with workdir_lock(workdir):
+        return _train(config, workdir, mesh, False, progress, on_step)
 
+
+def _train(config, workdir, mesh, compile_only, progress, on_step) -> TrainResult:
+    """`train` after the checks that need no compile, with the workdir held."""
     # ---- model and optimizer, abstract state and its shardings
     model = Model(config.model)
     tx = make_optimizer(config)
@@ -259,6 +270,10 @@ def train(
             "initialised a fresh state (%d parameters)",
             sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
         )
+        params, source, fresh = warm_start(config, state.params, shardings.params)
+        if source:
+            state = state.replace(params=params)
+            log.info("parameters from %s (%d MTP tensors left fresh)", source, fresh)
     else:
         log.info("resumed from the checkpoint at step %d", restored_step)
 
@@ -271,17 +286,23 @@ def train(
         data_iter,
         val_ds,
         checkpointer,
-        MetricWriter(workdir),
+        MetricWriter(workdir, resume_step=restored_step or 0),
         memory,
         compile_seconds,
         progress,
         on_step,
+        restore_target=with_shardings(abstract, shardings),
     )
     try:
-        return _loop(run, state)
-    finally:
+        result = _loop(run, state)
+    except BaseException:
         run.writer.close()
-        checkpointer.close()
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            checkpointer.close()
+        raise
+    run.writer.close()
+    checkpointer.close()
+    return result
 
 
 @dataclasses.dataclass
@@ -300,6 +321,7 @@ class _Run:
     compile_seconds: float
     progress: bool
     on_step: Callable[[int], None] | None
+    restore_target: Any = None  # the abstract state with shardings (rollbacks restore onto it)
 
 
 def _loop(run: _Run, state) -> TrainResult:
@@ -339,37 +361,101 @@ def _loop(run: _Run, state) -> TrainResult:
     timer = time.perf_counter()
     timed_steps = 0
 
-    def check_finite():
-        nonlocal last_checked
-        losses = np.asarray(jax.device_get([m["loss"] for m in pending]))
-        if not np.all(np.isfinite(losses)):
-            bad = last_checked + 1 + int(np.argmin(np.isfinite(losses)))
-            raise NonFiniteLossError(
-                f"non-finite loss at step {bad} (checked steps {last_checked + 1}..{step}); "
-                f"stopped without saving; last good checkpoint: "
-                f"{'step ' + str(last_good) if last_good is not None else 'none'}"
+    nan_batches = set(t.nan_batches)
+    skip_batches: set[int] = set()  # rollback: batch numbers to pass over
+    pending_batches: list[int] = []  # the batch number of each pending step
+    bad_in_a_row = skipped = rollbacks = 0
+    served = _batches_served(data_iter, step)
+
+    def check_finite() -> bool:
+        """Handles non-finite steps among `pending` by train.on_nonfinite; True when it rolled
+        the run back (the caller goes on from the restored step)."""
+        nonlocal last_checked, bad_in_a_row, skipped, rollbacks, state, step, served
+        bad = np.asarray(jax.device_get([m["nonfinite"] for m in pending])).astype(bool)
+        if not bad.any():
+            bad_in_a_row = 0
+            last_checked = step
+            return False
+        first, batch_no = last_checked + 1 + int(np.argmax(bad)), pending_batches[int(bad.argmax())]
+        where = f"non-finite loss or gradient at step {first} (batch {batch_no})"
+        last = f"{'step ' + str(last_good) if last_good is not None else 'none'}"
+        if t.on_nonfinite == "skip":
+            for b in bad:
+                bad_in_a_row = bad_in_a_row + 1 if b else 0
+                if bad_in_a_row >= t.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{where}: {bad_in_a_row} non-finite steps in a row (train."
+                        f"max_nonfinite={t.max_nonfinite}); stopped; last checkpoint: {last}"
+                    )
+            skipped += int(bad.sum())
+            log.warning("%s: update skipped (%d so far)", where, skipped)
+            last_checked = step
+            return False
+        if t.on_nonfinite == "stop" or rollbacks >= t.max_nonfinite or last_good is None:
+            why = (
+                f"after {rollbacks} rollbacks (train.max_nonfinite={t.max_nonfinite})"
+                if t.on_nonfinite == "rollback" and last_good is not None
+                else "no checkpoint to roll back to"
+                if t.on_nonfinite == "rollback"
+                else f"checked steps {last_checked + 1}..{step}"
             )
-        last_checked = step
+            raise NonFiniteLossError(
+                f"{where} ({why}); stopped without saving; last good checkpoint: {last}"
+            )
+        skip_batches.add(batch_no)
+        checkpointer.wait()
+        state, restored = checkpointer.restore(run.restore_target, data_iter, step=last_good)
+        rollbacks += 1
+        log.warning(
+            "%s: rolled back to the checkpoint at step %d, passing over batch %d (rollback %d "
+            "of at most %d)",
+            where,
+            restored,
+            batch_no,
+            rollbacks,
+            t.max_nonfinite,
+        )
+        step = last_checked = restored
+        served = _batches_served(data_iter, step)
+        writer.rewind(step)
+        pending.clear()
+        pending_batches.clear()
+        bar.n = step
+        bar.refresh()
+        return True
 
     with _Preemption() as preempt:
         while step < t.steps:
+            checkpointer.check()  # a failed async save stops the run before more work is lost
             local = next(data_iter)
+            served += 1
+            if served in skip_batches:
+                log.warning("passing over batch %d (it gave a non-finite loss)", served)
+                continue
+            if nan_batches:  # the fault drill of train.nan_batches
+                factor = np.nan if served in nan_batches else 1.0
+                local["poison"] = np.full(len(local["tokens"]), factor, np.float32)
             mixture_counts = local.pop("mixture_counts", None)
             batch = to_global_batch(local, bsh)
             state, metrics = train_step(state, batch)
             step += 1
             timed_steps += 1
             pending.append(metrics)
+            pending_batches.append(served)
             bar.update(1)
             if run.on_step is not None:
                 run.on_step(step)
             record: dict[str, float] = {}
 
             if step % t.log_every == 0 or step == t.steps:
-                check_finite()
-                acc = jax.device_get(jax.tree.map(lambda *x: sum(x), *pending))
+                if check_finite():
+                    continue
+                good = [m for m in jax.device_get(pending) if not m["nonfinite"]] or pending
+                acc = jax.device_get(jax.tree.map(lambda *x: sum(x), *good))
                 elapsed = time.perf_counter() - timer
-                summary = train_summary(acc, len(pending))
+                summary = train_summary(acc, len(good))
+                if t.on_nonfinite != "stop":
+                    summary[f"nonfinite/{t.on_nonfinite}"] = skipped or rollbacks
                 last = jax.device_get(pending[-1])
                 step_time = elapsed / max(timed_steps, 1)
                 summary.update(
@@ -395,6 +481,7 @@ def _loop(run: _Run, state) -> TrainResult:
                     loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}"
                 )
                 pending.clear()
+                pending_batches.clear()
                 timer, timed_steps = time.perf_counter(), 0
 
             if val_ds and t.eval_every and step % t.eval_every == 0:
@@ -408,8 +495,8 @@ def _loop(run: _Run, state) -> TrainResult:
             stop = preempt.should_stop(step, t.log_every)
             save_now = (ck.every and step % ck.every == 0) or step == t.steps or stop
             if save_now:
-                if pending:
-                    check_finite()
+                if pending and check_finite():
+                    continue
                 checkpointer.save(step, state, data_iter, force=True)
                 last_good = step
                 timer, timed_steps = time.perf_counter(), 0
@@ -421,6 +508,15 @@ def _loop(run: _Run, state) -> TrainResult:
     bar.close()
     checkpointer.wait()
     return TrainResult(step, "completed", summary, state, memory, compile_seconds)
+
+
+def _batches_served(data_iter, step: int) -> int:
+    """Batches the data iterator has served so far: its position when it reports one (a
+    restored run), else `step` (one batch a step)."""
+    try:
+        return int(data_iter.get_state()["next_index"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return step
 
 
 def evaluate(eval_step, params, val_ds, steps: int, bsh) -> dict[str, float]:
