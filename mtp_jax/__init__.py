@@ -53,6 +53,7 @@ _EXPORTS = {
     "generate": "mtp_jax.inference",
     "speculative_generate": "mtp_jax.inference",
     "DecodeResult": "mtp_jax.inference",
+    "load_study": "mtp_jax.study.report",
 }
 
 __all__ = sorted(_EXPORTS)
