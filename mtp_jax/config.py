@@ -36,6 +36,8 @@ ConfigDict = ml_collections.ConfigDict
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DATA_SOURCES = ("store", "synthetic")
+OBJECTIVES = ("ce", "distill", "tv")  # loss.mtp_objective (mtp_jax.loss.mtp_loss)
+TRAINABLE = ("all", "mtp")  # train.trainable
 
 __all__ = ["ConfigDict", "ConfigError", "base_config", "load_config", "validate"]
 
@@ -53,7 +55,11 @@ def base_config() -> ConfigDict:
     lo.mtp_lambda_per_depth = ()  # optional tuple of D weights; overrides mtp_lambda
     lo.mtp_lambda_final = -1.0  # lambda after the switch (e.g. 0.1); < 0 keeps lambda constant
     lo.mtp_lambda_switch_step = -1  # step of the switch; -1 = when the LR starts to decay
+    # e.g. ((0.0, (0.5, 0.25)), (0.3333, (0.5, 0.0)), (0.6667, (0.0, 0.0))): MTP early, NTP last
+    lo.mtp_lambda_schedule = ()  # (fraction, (lambda_1..lambda_D)) points, linear between; () = off
+    lo.mtp_detach_trunk = False  # depths' loss stops at h^0 and their embeddings: drafter-only
     lo.chunk_size = 128  # sequence chunk of the remat'ed logits/loss; 0 = full [B, S, V] logits
+    lo.mtp_objective = "ce"  # depths' loss: ce (data tokens) | distill (KL from trunk) | tv (Bebop)
 
     d = c.data = ConfigDict()
     d.source = "store"  # 'store' (tensorstore token store) or 'synthetic' (random tokens)
@@ -64,6 +70,7 @@ def base_config() -> ConfigDict:
     d.text_field = "text"  # JSONL field holding the document text
     d.tokenizer = "byte"  # 'byte', a SentencePiece .model or a HF tokenizer.json
     d.val_fraction = 0.02  # fraction of documents held out for eval (by document)
+    d.verify_tokens = 1 << 28  # tokens per store split scanned at start (ids, chunks); 0 = none
     d.seq_len = 128  # S, positions scored per example (windows hold S + D + 1 tokens)
     d.batch_size = 16  # global batch (examples per step, over all processes)
     d.shuffle = True  # globally shuffle windows each epoch (seeded)
@@ -87,6 +94,10 @@ def base_config() -> ConfigDict:
     t.eval_every = 100  # steps between evals on the validation split; 0 = never
     t.eval_steps = 4  # batches per eval
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = known chip table / measured
+    t.on_nonfinite = "stop"  # NaN/inf loss: stop | skip (that update) | rollback (past the batch)
+    t.max_nonfinite = 3  # skip: stop after this many bad steps in a row; rollback: after this many
+    t.nan_batches = ()  # fault drill: batches (1 = the first served) whose loss is made NaN
+    t.trainable = "all"  # all | mtp: only the MTP depths train, the trunk (embed, head) is frozen
 
     k = c.checkpoint = ConfigDict()
     k.every = 100  # steps between checkpoints; 0 = only at the end
@@ -99,6 +110,10 @@ def base_config() -> ConfigDict:
     ms.fsdp = 1  # parameter-sharding (ZeRO-3) axis size
     ms.tensor = 1  # tensor-parallel axis size
     ms.max_replicated_fraction = 0.1  # fsdp x tensor > 1: most param bytes every device holds
+
+    i = c.init = ConfigDict()
+    i.from_hf = ""  # start from a HF safetensors dir (Llama naming; mtp-export); new depths fresh
+    i.from_workdir = ""  # start from another run's newest checkpoint (parameters only)
     return c
 
 
@@ -267,7 +282,13 @@ RULES: dict[str, Check] = {
     "loss.mtp_lambda_per_depth": weights(),
     "loss.mtp_lambda_final": number(),
     "loss.mtp_lambda_switch_step": integer(-1),
+    "loss.mtp_lambda_schedule": (
+        lambda v: isinstance(v, tuple),
+        "a tuple of (training fraction, (one lambda per MTP depth)) points",
+    ),
+    "loss.mtp_detach_trunk": boolean(),
     "loss.chunk_size": integer(0),
+    "loss.mtp_objective": choice(OBJECTIVES),
     "data.source": choice(DATA_SOURCES),
     "data.path": string(),
     "data.mixture": (
@@ -282,6 +303,7 @@ RULES: dict[str, Check] = {
     "data.text_field": string(),
     "data.tokenizer": string(),
     "data.val_fraction": number(0, 0.5),
+    "data.verify_tokens": integer(0),
     "data.seq_len": integer(1),
     "data.batch_size": integer(1),
     "data.shuffle": boolean(),
@@ -303,6 +325,13 @@ RULES: dict[str, Check] = {
     "train.eval_every": integer(0),
     "train.eval_steps": integer(1),
     "train.peak_flops": number(0),
+    "train.on_nonfinite": choice(("stop", "skip", "rollback")),
+    "train.max_nonfinite": integer(1),
+    "train.nan_batches": (
+        lambda v: isinstance(v, tuple) and all(isinstance(x, int) and x >= 1 for x in v),
+        "a tuple of batch numbers >= 1",
+    ),
+    "train.trainable": choice(TRAINABLE),
     "checkpoint.every": integer(0),
     "checkpoint.keep": integer(1),
     "checkpoint.keep_every": integer(0),
@@ -311,6 +340,8 @@ RULES: dict[str, Check] = {
     "mesh.fsdp": mesh_axis(),
     "mesh.tensor": mesh_axis(),
     "mesh.max_replicated_fraction": number(0, 1),
+    "init.from_hf": string(),
+    "init.from_workdir": string(),
 }
 
 
@@ -333,6 +364,14 @@ def validate(config: ConfigDict) -> None:
             lo.mtp_lambda_per_depth,
             f"exactly model.mtp_depth={m.mtp_depth} weights, or an empty tuple",
         )
+    _validate_lambda_schedule(lo, m.mtp_depth)
+    for key, value, plain in (
+        ("train.trainable", t.trainable, "all"),
+        ("loss.mtp_objective", lo.mtp_objective, "ce"),
+        ("loss.mtp_detach_trunk", lo.mtp_detach_trunk, False),
+    ):
+        if value != plain and m.mtp_depth == 0:
+            fail(key, value, f"{plain!r} with model.mtp_depth=0 ({value!r} needs MTP depths)")
     if m.attention_impl == "splash" and d.seq_len % 128:
         fail(
             "model.attention_impl",
@@ -352,6 +391,8 @@ def validate(config: ConfigDict) -> None:
             f"a divisor of data.batch_size={d.batch_size}",
         )
     _validate_mixture(d, t.steps)
+    if config.init.from_hf and config.init.from_workdir:
+        fail("init.from_workdir", config.init.from_workdir, "'' when init.from_hf is set")
     if sum(v == -1 for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)) > 1:
         fail("mesh.fsdp", config.mesh.fsdp, "-1 on at most one of mesh.data/fsdp/tensor")
 
@@ -377,6 +418,15 @@ def _entries(value: Any, key: str) -> list[tuple]:
             raise ConfigError(f"config key {key!r}: entry {entry!r} is not a tuple")
         out.append(tuple(entry))
     return out
+
+
+def _weights_of(value: Any, n: int) -> bool:
+    """Whether `value` is a tuple/list of `n` numbers >= 0."""
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == n
+        and all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in value)
+    )
 
 
 def _normalised(weights: Sequence[float], key: str) -> tuple[float, ...]:
@@ -450,9 +500,7 @@ def mixture_phases(
             and isinstance(e[0], int | float)
             and 0 <= e[0] < 1
             and e[0] > last
-            and isinstance(e[1], list | tuple)
-            and len(e[1]) == len(src)
-            and all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in e[1])
+            and _weights_of(e[1], len(src))
         )
         if not ok:
             raise ConfigError(
@@ -482,6 +530,56 @@ def _validate_mixture(d: ConfigDict, steps: int) -> None:
             d.mixture,
             f"either data.mixture or data.path (it is {d.path!r}), not both: set data.path=''",
         )
+
+
+def lambda_points(schedule: Sequence, depth: int) -> list[tuple[float, tuple[float, ...]]]:
+    """`loss.mtp_lambda_schedule` checked: [(training fraction, (lambda_1..lambda_D))].
+
+    Fractions lie in [0, 1] and never decrease; two points at one fraction make a jump.
+    Raises ConfigError naming the key and the bad entry.
+    """
+    key, out, last = "loss.mtp_lambda_schedule", [], 0.0
+    for e in _entries(schedule, key):
+        ok = (
+            len(e) == 2
+            and isinstance(e[0], int | float)
+            and not isinstance(e[0], bool)
+            and last <= e[0] <= 1
+            and _weights_of(e[1], depth)
+        )
+        if not ok:
+            raise ConfigError(
+                f"config key {key!r}: entry {e!r} is not (fraction in [0, 1], not decreasing, "
+                f"(model.mtp_depth={depth} lambdas >= 0))"
+            )
+        last = float(e[0])
+        out.append((last, tuple(float(w) for w in e[1])))
+    return out
+
+
+def _validate_lambda_schedule(lo: ConfigDict, depth: int) -> None:
+    if not lo.mtp_lambda_schedule:
+        return
+    if not depth:
+        fail(
+            "loss.mtp_lambda_schedule",
+            lo.mtp_lambda_schedule,
+            "() with model.mtp_depth=0 (a schedule of MTP weights needs MTP depths)",
+        )
+    lambda_points(lo.mtp_lambda_schedule, depth)
+    clashes = {  # key: (set, what is accepted with a schedule)
+        "mtp_lambda_final": (lo.mtp_lambda_final >= 0, "< 0"),
+        "mtp_lambda_switch_step": (lo.mtp_lambda_switch_step != -1, "-1"),
+        "mtp_lambda_per_depth": (bool(lo.mtp_lambda_per_depth), "()"),
+    }
+    for other, (is_set, accepted) in clashes.items():
+        if is_set:
+            fail(
+                "loss." + other,
+                lo[other],
+                f"{accepted} when loss.mtp_lambda_schedule is set (the schedule gives every "
+                "depth's lambda at every step)",
+            )
 
 
 def mtp_lambdas(config: ConfigDict) -> tuple[float, ...]:
