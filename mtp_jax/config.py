@@ -30,7 +30,7 @@ from mtp_jax.checks import (
     string,
     weights,
 )
-from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.config import ModelConfig, MoEConfig
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -277,7 +277,8 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
 
 RULES: dict[str, Check] = {
     "seed": integer(0),
-    **{f"model.{n}": f.metadata["check"] for n, f in ModelConfig.declared().items()},
+    **{f"model.{n}": f.metadata["check"] for n, f in ModelConfig.declared().items() if n != "moe"},
+    **{f"model.moe.{n}": f.metadata["check"] for n, f in MoEConfig.declared().items()},
     "loss.mtp_lambda": number(0),
     "loss.mtp_lambda_per_depth": weights(),
     "loss.mtp_lambda_final": number(),

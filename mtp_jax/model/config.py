@@ -17,11 +17,69 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MTP_LAYOUTS = ("sequential", "parallel")
 MTP_CHAIN_INPUTS = ("trunk", "normed")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTIONS = ("mha", "mla")
 
 
 def setting(default: Any, doc: str, check: Check) -> Any:
     """A declared setting: its default, what it means, and its check."""
     return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE feed-forward settings (the `model.moe.*` keys); num_experts=0 = dense MLP."""
+
+    num_experts: int = setting(0, "E, routed experts per MoE layer; 0 = dense MLP blocks", integer(0))
+    top_k: int = setting(2, "routed experts each token goes to (<= num_experts)", integer(1))
+    shared_experts: int = setting(
+        1, "always-on shared experts, each of width expert_dim (0 = none)", integer(0)
+    )
+    expert_dim: int = setting(64, "hidden width of each (routed and shared) SwiGLU expert", integer(1))
+    first_dense_layers: int = setting(
+        0, "leading trunk layers that keep the dense MLP (DeepSeek-V3: 3)", integer(0)
+    )
+    routed_scaling: float = setting(
+        1.0,
+        "factor on the routed experts' output (gates sum to it; DeepSeek-V3: 2.5)",
+        number(0, open_lo=True),
+    )
+    bias_update_rate: float = setting(
+        1e-3,
+        "gamma of auxiliary-loss-free balancing: bias += gamma * sign(mean load - load) after "
+        "each step; 0 = off",
+        number(0),
+    )
+    balance_loss_weight: float = setting(
+        0.0, "alpha of the sequence-wise balance loss (DeepSeek-V3: 1e-4); 0 = off", number(0)
+    )
+    capacity_factor: float = setting(
+        0.0,
+        "0 = dropless (sorted tokens, grouped matmuls); > 0 = each expert takes at most "
+        "ceil(capacity_factor * tokens * top_k / num_experts) tokens per device, the rest dropped",
+        number(0),
+    )
+    dense_mtp: bool = setting(
+        False, "MTP depths use the dense MLP (default: the trunk's block type)", boolean()
+    )
+
+    @classmethod
+    def declared(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_any(cls, value: Any) -> MoEConfig:
+        if isinstance(value, cls):
+            return value
+        values = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+        return cls(**{k: v for k, v in values.items() if k in cls.declared()})
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+def _is_moe(v: Any) -> bool:
+    return isinstance(v, MoEConfig | dict) or hasattr(v, "to_dict")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +149,25 @@ class ModelConfig:
         choice(ATTENTION_IMPLS),
     )
 
+    attention: str = setting(
+        "mha",
+        "'mha' (grouped-query attention) or 'mla' (DeepSeek multi-head latent attention: "
+        "n_heads heads of head_dim + qk_rope_head_dim, values of head_dim; n_kv_heads unused)",
+        choice(ATTENTIONS),
+    )
+    q_lora_rank: int = setting(
+        0, "mla: rank of the low-rank query projection; 0 = full-rank queries", integer(0)
+    )
+    kv_lora_rank: int = setting(
+        64, "mla: width of the compressed KV latent (what the decode cache holds)", integer(1)
+    )
+    qk_rope_head_dim: int = setting(
+        16, "mla: width of the decoupled RoPE part of queries and the shared RoPE key", integer(2)
+    )
+    moe: MoEConfig = setting(
+        MoEConfig(), "DeepSeekMoE feed-forward: the model.moe.* keys", (_is_moe, "model.moe.*")
+    )
+
     @classmethod
     def from_any(cls, config: Any) -> ModelConfig:
         """Accepts a ModelConfig, a `config.model` ConfigDict or a plain dict."""
@@ -98,7 +175,10 @@ class ModelConfig:
             return config
         values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        values = {k: v for k, v in values.items() if k in names}
+        if "moe" in values:
+            values["moe"] = MoEConfig.from_any(values["moe"])
+        return cls(**values)
 
     @classmethod
     def declared(cls) -> dict[str, dataclasses.Field]:
@@ -107,7 +187,10 @@ class ModelConfig:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {name: f.default for name, f in cls.declared().items()}
+        """name -> default; `moe` as a dict (the nested `model.moe.*` keys)."""
+        out = {name: f.default for name, f in cls.declared().items()}
+        out["moe"] = dataclasses.asdict(out["moe"])
+        return out
 
     @classmethod
     def validate(cls, values: dict[str, Any], prefix: str = "model.") -> None:
@@ -116,7 +199,35 @@ class ModelConfig:
             ok, accepted = f.metadata["check"]
             if name in values and not ok(values[name]):
                 fail(prefix + name, values[name], accepted)
+        moe_values = values.get("moe") or {}
+        if isinstance(moe_values, MoEConfig):
+            moe_values = dataclasses.asdict(moe_values)
+        moe_values = moe_values.to_dict() if hasattr(moe_values, "to_dict") else moe_values
+        for name, f in MoEConfig.declared().items():
+            ok, accepted = f.metadata["check"]
+            if name in moe_values and not ok(moe_values[name]):
+                fail(prefix + "moe." + name, moe_values[name], accepted)
         v = {**cls.defaults(), **values}
+        moe = {**cls.defaults()["moe"], **moe_values}
+        if moe["num_experts"] and moe["top_k"] > moe["num_experts"]:
+            fail(
+                prefix + "moe.top_k",
+                moe["top_k"],
+                f"at most {prefix}moe.num_experts={moe['num_experts']}",
+            )
+        if moe["num_experts"] and moe["first_dense_layers"] >= v["n_layers"]:
+            fail(
+                prefix + "moe.first_dense_layers",
+                moe["first_dense_layers"],
+                f"fewer than {prefix}n_layers={v['n_layers']} (else no layer is MoE: set "
+                f"{prefix}moe.num_experts=0)",
+            )
+        if v["attention"] == "mla" and v["qk_rope_head_dim"] % 2:
+            fail(
+                prefix + "qk_rope_head_dim",
+                v["qk_rope_head_dim"],
+                "an even number (rotary embedding pairs)",
+            )
         if v["n_heads"] % v["n_kv_heads"]:
             fail(
                 prefix + "n_kv_heads",

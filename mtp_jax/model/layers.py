@@ -195,6 +195,15 @@ def attention_impl(cfg: ModelConfig, seq_len: int, cached: bool, masked: bool) -
     return "xla"
 
 
+def attention_class(cfg: ModelConfig) -> type[nn.Module]:
+    """`model.attention`: Attention (mha) or MLAttention (mla, `mtp_jax.model.mla`)."""
+    if cfg.attention == "mla":
+        from mtp_jax.model.mla import MLAttention
+
+        return MLAttention
+    return Attention
+
+
 class Mlp(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, E] -> [B, T, E]."""
 
@@ -224,7 +233,7 @@ class Block(nn.Module):
     ) -> tuple[Array, KVCache | None]:
         """x [B, T, E] -> ([B, T, E], updated cache)."""
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        h, cache = Attention(self.cfg, name="attn")(
+        h, cache = attention_class(self.cfg)(self.cfg, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x), positions, segment_ids, cache
         )
         x = x + h
