@@ -109,6 +109,7 @@ def base_config() -> ConfigDict:
     ms.data = -1  # data-parallel axis size; -1 = the devices left over
     ms.fsdp = 1  # parameter-sharding (ZeRO-3) axis size
     ms.tensor = 1  # tensor-parallel axis size
+    ms.expert = 1  # expert-parallel axis size (MoE experts split over it; it splits the batch too)
     ms.max_replicated_fraction = 0.1  # fsdp x tensor > 1: most param bytes every device holds
 
     i = c.init = ConfigDict()
@@ -340,6 +341,7 @@ RULES: dict[str, Check] = {
     "mesh.data": mesh_axis(),
     "mesh.fsdp": mesh_axis(),
     "mesh.tensor": mesh_axis(),
+    "mesh.expert": mesh_axis(),
     "mesh.max_replicated_fraction": number(0, 1),
     "init.from_hf": string(),
     "init.from_workdir": string(),
@@ -394,8 +396,17 @@ def validate(config: ConfigDict) -> None:
     _validate_mixture(d, t.steps)
     if config.init.from_hf and config.init.from_workdir:
         fail("init.from_workdir", config.init.from_workdir, "'' when init.from_hf is set")
-    if sum(v == -1 for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)) > 1:
-        fail("mesh.fsdp", config.mesh.fsdp, "-1 on at most one of mesh.data/fsdp/tensor")
+    ms = config.mesh
+    if sum(v == -1 for v in (ms.data, ms.fsdp, ms.expert, ms.tensor)) > 1:
+        fail("mesh.fsdp", ms.fsdp, "-1 on at most one of mesh.data/fsdp/expert/tensor")
+    experts = m.moe.num_experts
+    if ms.expert != 1 and (experts == 0 or ms.expert == -1 or experts % ms.expert):
+        fail(
+            "mesh.expert",
+            ms.expert,
+            f"1, or a divisor of model.moe.num_experts={experts} (each device holds "
+            "num_experts / mesh.expert experts)",
+        )
 
 
 # ------------------------------------------------------------------------------ data.mixture

@@ -1,9 +1,13 @@
 """Device mesh, logical axis rules and the shardings they give.
 
 The model names every parameter and block-boundary activation with logical axes
-(`batch`, `length`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`, `norm`, `layers`,
-`depth`, `act_embed`, `act_mlp`); `LOGICAL_RULES` is the only mapping from those names to the
-mesh axes `('data', 'fsdp', 'tensor')`.
+(`batch`, `length`, `embed`, `heads`, `kv_heads`, `kv`, `q_lora`, `kv_lora`, `mlp`, `vocab`,
+`norm`, `layers`, `depth`, `act_embed`, `act_mlp`, `experts`); `LOGICAL_RULES` is the only
+mapping from those names to the mesh axes `('data', 'fsdp', 'expert', 'tensor')`.
+
+'expert' is expert parallelism: MoE expert weights are split over it (E / expert per device)
+and, like 'data' and 'fsdp', it splits the batch; tokens reach their experts' devices by
+all-to-all inside the MoE layer (`mtp_jax.model.moe`). Dense weights are replicated over it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from mtp_jax.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the axes that split the batch
 
 # logical name -> mesh axes (None = replicated). Weights are sharded over fsdp (ZeRO-3) on
 # their model dimension and over tensor on heads / mlp / vocab; activations over the batch.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
@@ -36,16 +41,20 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("kv", None),
+    ("q_lora", None),
+    ("kv_lora", None),
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
     ("depth", None),
+    ("experts", "expert"),
 )
 
 
-def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes from `config.mesh`, resolving one -1 to the devices left."""
-    sizes = {axis: int(getattr(mesh_cfg, axis)) for axis in MESH_AXES}
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, expert, tensor) sizes from `config.mesh` (a missing axis is 1), resolving
+    one -1 to the devices left."""
+    sizes = {axis: int(getattr(mesh_cfg, axis, 1)) for axis in MESH_AXES}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     free = [axis for axis, v in sizes.items() if v == -1]
     if len(free) > 1:
@@ -63,13 +72,14 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
             f"config key 'mesh.data': mesh {sizes} uses {fixed} devices, but {num_devices} are "
             "available; set one of mesh.data/fsdp/tensor to -1"
         )
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    return tuple(sizes[axis] for axis in MESH_AXES)
 
 
 def make_mesh(
     mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, allow_subset: bool = False
 ) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), in `jax.devices()` order.
+    """A ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default: all), in
+    `jax.devices()` order.
 
     With `allow_subset` (decoding), a mesh without -1 may use the first devices only, e.g.
     `mesh.data=1` on a machine of 8. Axis types are Auto so that flax's logical constraints
@@ -77,7 +87,7 @@ def make_mesh(
     """
     devices = list(jax.devices() if devices is None else devices)
     if allow_subset:
-        sizes = [int(getattr(mesh_cfg, axis)) for axis in MESH_AXES]
+        sizes = [int(getattr(mesh_cfg, axis, 1)) for axis in MESH_AXES]
         if -1 not in sizes and math.prod(sizes) < len(devices):
             devices = devices[: math.prod(sizes)]
     shape = mesh_shape(mesh_cfg, len(devices))
@@ -89,13 +99,13 @@ def make_mesh(
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the batch is split (the 'data' and 'fsdp' axes)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways the batch is split (the 'data', 'fsdp' and 'expert' axes)."""
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of batch arrays [B, ...]: rows over ('data', 'fsdp')."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    """Sharding of batch arrays [B, ...]: rows over ('data', 'fsdp', 'expert')."""
+    return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.shape)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -29,12 +29,16 @@ def setting(default: Any, doc: str, check: Check) -> Any:
 class MoEConfig:
     """DeepSeekMoE feed-forward settings (the `model.moe.*` keys); num_experts=0 = dense MLP."""
 
-    num_experts: int = setting(0, "E, routed experts per MoE layer; 0 = dense MLP blocks", integer(0))
+    num_experts: int = setting(
+        0, "E, routed experts per MoE layer; 0 = dense MLP blocks", integer(0)
+    )
     top_k: int = setting(2, "routed experts each token goes to (<= num_experts)", integer(1))
     shared_experts: int = setting(
         1, "always-on shared experts, each of width expert_dim (0 = none)", integer(0)
     )
-    expert_dim: int = setting(64, "hidden width of each (routed and shared) SwiGLU expert", integer(1))
+    expert_dim: int = setting(
+        64, "hidden width of each (routed and shared) SwiGLU expert", integer(1)
+    )
     first_dense_layers: int = setting(
         0, "leading trunk layers that keep the dense MLP (DeepSeek-V3: 3)", integer(0)
     )

@@ -205,23 +205,40 @@ def attention_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, E] -> [B, T, E]."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, E] -> [B, T, E]; hidden width `width`
+    (0 = model.mlp_dim)."""
 
     cfg: ModelConfig
+    width: int = 0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        gate = Linear(cfg, cfg.mlp_dim, ("embed", "mlp"), name="gate")(x)
-        up = Linear(cfg, cfg.mlp_dim, ("embed", "mlp"), name="up")(x)
+        width = self.width or cfg.mlp_dim
+        gate = Linear(cfg, width, ("embed", "mlp"), name="gate")(x)
+        up = Linear(cfg, width, ("embed", "mlp"), name="up")(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
         return Linear(cfg, cfg.d_model, ("mlp", "embed"), name="down")(h)
 
 
+def layer_is_moe(cfg: ModelConfig, layer: int) -> bool:
+    """Whether trunk layer `layer` (0-based) has the MoE FFN (`model.moe.first_dense_layers`
+    leading layers keep the dense MLP)."""
+    return cfg.moe.enabled and layer >= cfg.moe.first_dense_layers
+
+
+def depth_is_moe(cfg: ModelConfig) -> bool:
+    """Whether the MTP depths' blocks have the MoE FFN (the trunk's type unless
+    `model.moe.dense_mtp`)."""
+    return cfg.moe.enabled and not cfg.moe.dense_mtp
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x)); the FFN is the
+    SwiGLU MLP, or DeepSeekMoE (`mtp_jax.model.moe.MoE`) with `moe`."""
 
     cfg: ModelConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(
@@ -237,7 +254,13 @@ class Block(nn.Module):
             RMSNorm(self.cfg, name="attn_norm")(x), positions, segment_ids, cache
         )
         x = x + h
-        x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        if self.moe:
+            from mtp_jax.model.moe import MoE
+
+            ffn = MoE(self.cfg, name="mlp")
+        else:
+            ffn = Mlp(self.cfg, name="mlp")
+        x = x + ffn(RMSNorm(self.cfg, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, cache
 
@@ -246,10 +269,11 @@ class ScanBlock(nn.Module):
     """`Block` in the (carry, xs) -> (carry, ys) form `nn.scan` over layers expects."""
 
     cfg: ModelConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache):
-        x, cache = remat(Block, self.cfg.remat_policy)(self.cfg, name="block")(
+        x, cache = remat(Block, self.cfg.remat_policy)(self.cfg, self.moe, name="block")(
             x, positions, segment_ids, cache
         )
         return x, cache

@@ -30,7 +30,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import Block, KVCache, Linear, ModelConfig, RMSNorm, remat, scan_unroll
+from mtp_jax.model.layers import (
+    Block,
+    KVCache,
+    Linear,
+    ModelConfig,
+    RMSNorm,
+    depth_is_moe,
+    remat,
+    scan_unroll,
+)
+from mtp_jax.model.moe import MOE_STATS
 
 Array = jax.Array
 
@@ -98,7 +108,7 @@ class MTPDepth(nn.Module):
             axis=-1,
         )
         x = Linear(cfg, cfg.d_model, ("mlp", "embed"), name="proj")(joined)
-        h, cache = Block(cfg, name="block")(x, positions, segment_ids, cache)
+        h, cache = Block(cfg, depth_is_moe(cfg), name="block")(x, positions, segment_ids, cache)
         out = (RMSNorm(cfg, name="out_norm")(h), cache)
         return ((h, pool) if mixing is not None else h), out
 
@@ -117,7 +127,8 @@ class ParallelHead(nn.Module):
         cache: KVCache | None,
     ) -> tuple[Array, tuple[Array, KVCache | None]]:
         """h0 [B, T, E] -> (h0 unchanged, (out^k [B, T, E], cache))."""
-        h, cache = Block(self.cfg, name="block")(h0, positions, segment_ids, cache)
+        cfg = self.cfg
+        h, cache = Block(cfg, depth_is_moe(cfg), name="block")(h0, positions, segment_ids, cache)
         return h0, (RMSNorm(self.cfg, name="out_norm")(h), cache)
 
 
@@ -132,6 +143,7 @@ def _depth_scan(module_cls: type[nn.Module], cfg: ModelConfig, in_axes: tuple):
         return nn.scan(
             remat(module_cls, cfg.remat_policy),
             variable_broadcast="params",
+            variable_axes={MOE_STATS: 0},
             split_rngs={"params": False},
             in_axes=in_axes,
             out_axes=0,
@@ -140,7 +152,7 @@ def _depth_scan(module_cls: type[nn.Module], cfg: ModelConfig, in_axes: tuple):
         )
     return nn.scan(
         remat(module_cls, cfg.remat_policy),
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, MOE_STATS: 0},
         split_rngs={"params": True},
         in_axes=in_axes,
         out_axes=0,

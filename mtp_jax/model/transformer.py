@@ -6,7 +6,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.layers import Block, KVCache, ModelConfig, ScanBlock, remat, scan_unroll
+from mtp_jax.model.layers import (
+    Block,
+    KVCache,
+    ModelConfig,
+    ScanBlock,
+    layer_is_moe,
+    remat,
+    scan_unroll,
+)
+from mtp_jax.model.moe import MOE_STATS
 
 Array = jax.Array
 
@@ -61,22 +70,39 @@ class Trunk(nn.Module):
         """x [B, T, E], positions [B, T] -> (h [B, T, E], cache with leaves [n_layers, ...])."""
         cfg = self.cfg
         if cfg.scan_layers:
-            stack = nn.scan(
-                ScanBlock,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
-                length=cfg.n_layers,
-                unroll=scan_unroll(cfg, cfg.n_layers),
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            return stack(cfg, name="layers")(x, positions, segment_ids, cache)
+            # Dense leading layers (model.moe.first_dense_layers) are their own stack.
+            dense = cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+            caches = []
+            for name, start, stop in (("dense_layers", 0, dense), ("layers", dense, cfg.n_layers)):
+                if stop == start:
+                    continue
+                stack = nn.scan(
+                    ScanBlock,
+                    variable_axes={"params": 0, MOE_STATS: 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0),
+                    length=stop - start,
+                    unroll=scan_unroll(cfg, stop - start),
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                part = (
+                    None
+                    if cache is None
+                    else jax.tree.map(lambda c, a=start, b=stop: c[a:b], cache)
+                )
+                x, part = stack(cfg, layer_is_moe(cfg, start), name=name)(
+                    x, positions, segment_ids, part
+                )
+                caches.append(part)
+            if cache is None:
+                return x, None
+            return x, jax.tree.map(lambda *c: jnp.concatenate(c), *caches)
         layers = []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-            x, layer_cache = remat(Block, cfg.remat_policy)(cfg, name=f"layers_{i}")(
-                x, positions, segment_ids, layer_cache
-            )
+            x, layer_cache = remat(Block, cfg.remat_policy)(
+                cfg, layer_is_moe(cfg, i), name=f"layers_{i}"
+            )(x, positions, segment_ids, layer_cache)
             layers.append(layer_cache)
         if cache is None:
             return x, None

@@ -102,7 +102,7 @@ def check_batch(config: ConfigDict, mesh) -> None:
     if batch % dp:
         raise ConfigError(
             f"config key 'data.batch_size' has value {batch}; accepted: a multiple of the "
-            f"data-parallel size {dp} (mesh.data x mesh.fsdp = {dict(mesh.shape)})"
+            f"data-parallel size {dp} (mesh.data x mesh.fsdp x mesh.expert = {dict(mesh.shape)})"
         )
     if (batch // micro) % dp:
         raise ConfigError(

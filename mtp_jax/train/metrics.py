@@ -31,6 +31,8 @@ def train_summary(acc: dict[str, np.ndarray], steps: int) -> dict[str, float]:
     for key in ("grad_norm", "update_norm", "param_norm"):
         out[key] = float(acc[key]) / steps
     out.update(objective_summary("", acc))
+    # MoE routing (moe/layer_<i>/load_max, ...): means over the logged steps
+    out.update({key: float(v) / steps for key, v in acc.get("moe", {}).items()})
     return out
 
 

@@ -100,8 +100,13 @@ def piecewise_lambdas(points: list[tuple[float, tuple[float, ...]]], steps: int)
 
 
 def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only (not on norm scales)."""
-    return jax.tree.map(lambda p: p.ndim > 1, nn.unbox(params))
+    """Weight decay on matrices only: not on norm scales, nor on the MoE balance biases
+    (`router_bias`, which only `moe.update_router_biases` moves)."""
+
+    def decays(path, p):
+        return p.ndim > 1 and not jax.tree_util.keystr(path).endswith("['router_bias']")
+
+    return jax.tree_util.tree_map_with_path(decays, nn.unbox(params))
 
 
 def trainable_mask(config: Any, params: Any) -> Any:

@@ -26,6 +26,7 @@ from mtp_jax.loss import (
 )
 from mtp_jax.model.config import ModelConfig
 from mtp_jax.model.model import Model
+from mtp_jax.model.moe import MOE_STATS, balance_loss_sum, routing_metrics, update_router_biases
 from mtp_jax.sharding import LOGICAL_RULES, batch_sharding, replicated, with_shardings
 from mtp_jax.train.state import TrainState, lambda_schedule, lr_schedule, trainable_mask
 from mtp_jax.window import WindowSpec
@@ -57,7 +58,9 @@ def loss_and_metrics(
     objective: str = "ce",
     mixing_rng: jax.Array | None = None,
     detach_trunk: bool = False,
-) -> tuple[jax.Array, tuple[DepthSums, jax.Array | None, jax.Array]]:
+    router_stats: bool = False,
+    balance_rows: int | None = None,
+) -> tuple[jax.Array, tuple]:
     """The training objective of one batch: the model's features and head, then the loss.
 
     batch: {'tokens': [B, S+D+1] int32, 'segment_ids': [B, S+D+1] int32 (optional)};
@@ -65,27 +68,36 @@ def loss_and_metrics(
     counts [D+1] overrides the loss denominators (the whole batch's `objective_mask` counts,
     for microbatches); objective: the depths' loss (`loss.mtp_objective`, see `mtp_loss`);
     mixing_rng, detach_trunk: training options of the model's forward (`Model.features`).
-    Returns (loss, (sums, predictions [D+1, B, S] (None without `with_pred`), mask)).
+    router_stats (MoE models): also return the forward's `moe_stats` collection, and add
+    `model.moe.balance_loss_weight` x the sequence-wise balance loss summed over layers and
+    divided by `balance_rows` (the whole batch's rows; default: this batch's).
+    Returns (loss, (sums, predictions [D+1, B, S] (None without `with_pred`), mask)), with
+    the stats as a fourth element of the tuple when `router_stats`.
     """
     tokens, seg = batch["tokens"], batch.get("segment_ids")
     if targets is None:
         targets = mtp_targets(tokens, seg, ModelConfig.from_any(model.config).mtp_depth)
     target, mask = targets
-    hidden, head = model.apply(
-        {"params": params},
-        tokens[:, :-1],
-        None if seg is None else seg[:, :-1],
-        mixing_rng,
-        detach_trunk,
-        method="features_and_head",
-    )
+    args = (tokens[:, :-1], None if seg is None else seg[:, :-1], mixing_rng, detach_trunk)
+    if router_stats:
+        (hidden, head), variables = model.apply(
+            {"params": params}, *args, method="features_and_head", mutable=[MOE_STATS]
+        )
+        stats = variables[MOE_STATS]
+    else:
+        hidden, head = model.apply({"params": params}, *args, method="features_and_head")
     if counts is None:
         counts = objective_mask(mask, objective).sum((1, 2)).astype(jnp.float32)
     weights = depth_weights(lambdas, counts)
     loss, sums, pred = mtp_loss(
         hidden, head, target, mask, weights, objective, chunk_size, with_pred
     )
-    return loss, (sums, pred, mask)
+    if not router_stats:
+        return loss, (sums, pred, mask)
+    alpha = ModelConfig.from_any(model.config).moe.balance_loss_weight
+    if alpha:
+        loss = loss + alpha * balance_loss_sum(stats) / (balance_rows or tokens.shape[0])
+    return loss, (sums, pred, mask, stats)
 
 
 def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation):
@@ -115,6 +127,9 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
     detach_trunk = config.loss.mtp_detach_trunk
     lambdas_at = lambda_schedule(config)
     lr_at = lr_schedule(config)
+    model_cfg = ModelConfig.from_any(config.model)
+    moe = model_cfg.moe.enabled
+    bias_rate = config.model.moe.bias_update_rate
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         lambdas = lambdas_at(state.step)
@@ -145,6 +160,8 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
                     objective=objective,
                     mixing_rng=micro_rng,
                     detach_trunk=detach_trunk,
+                    router_stats=moe,
+                    balance_rows=config.data.batch_size,
                 )
 
             if "poison" in micro_batch:  # train.nan_batches: a fault drill
@@ -154,11 +171,11 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
                     loss, aux = plain_loss_fn(params)
                     return loss * jnp.max(micro_batch["poison"]), aux
 
-            (loss, (sums, _, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            return loss, sums, grads
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return loss, (aux[0], aux[3] if moe else None), grads
 
         if n_micro == 1:
-            loss, sums, grads = grad_of((batch, targets, rng))
+            loss, (sums, stats), grads = grad_of((batch, targets, rng))
         else:
 
             def accumulate(carry, micro):
@@ -172,9 +189,13 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
             )
             first = grad_of(jax.tree.map(lambda x: x[0], micro))
             rest = jax.tree.map(lambda x: x[1:], micro)
-            (loss, sums, grads), _ = jax.lax.scan(accumulate, first, rest)
+            (loss, (sums, stats), grads), _ = jax.lax.scan(accumulate, first, rest)
 
         new_state, norms = apply_gradients(tx, state, grads)
+        if moe:  # auxiliary-loss-free balancing: the bias follows the step's expert loads
+            new_state = new_state.replace(
+                params=update_router_biases(new_state.params, stats, bias_rate)
+            )
         finite = jnp.isfinite(loss) & jnp.isfinite(norms["grad_norm"])
         if skip_nonfinite:  # train.on_nonfinite='skip': a bad batch changes nothing but step
             new_state = jax.tree.map(
@@ -198,6 +219,8 @@ def make_train_step(config: Any, model: Model, tx: optax.GradientTransformation)
             "nonfinite": (~finite).astype(jnp.int32),
             **objective_metrics(sums),
         }
+        if moe:
+            metrics["moe"] = routing_metrics(new_state.params, stats, model_cfg)
         return new_state, metrics
 
     return train_step
