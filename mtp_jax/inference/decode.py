@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.model.config import ModelConfig
-from mtp_jax.model.decoding import Decoder
-from mtp_jax.model.layers import KVCache
+from mtp_jax.model.decoding import Caches, Decoder
 from mtp_jax.model.model import Model
 
 Array = jax.Array
@@ -210,7 +209,7 @@ def prefill_last_logits(logits: Array, lengths: Array) -> Array:
 class _PlainState(NamedTuple):
     step: Array  # scalar int32: tokens generated so far (per active row)
     logits: Array  # [B, V] the trunk's logits for the next token
-    caches: tuple[KVCache, ...]  # one per layer, [B, L, K, H]
+    caches: Caches  # one per layer: KVCache [B, L, K, H] or (MLA) LatentCache
     out: Array  # [B, N] (entries of finished rows are garbage)
     count: Array  # [B]
     done: Array  # [B] bool

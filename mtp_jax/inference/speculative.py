@@ -68,8 +68,8 @@ class SpecState(NamedTuple):
 
     n [B]: tokens known per row (prompt + generated); seq [B, L]: those tokens, then drafts;
     hist [B, L, E]: the trunk's pre-norm h0 per position (verified up to n-2);
-    trunk, mtp: KV caches, one [B, L, K, H] per trunk layer / per MTP depth (see
-    `mtp_jax.model.decoding` for why they are not stacked);
+    trunk, mtp: caches, one KVCache [B, L, K, H] (MLA: LatentCache) per trunk layer / per MTP
+    depth (see `mtp_jax.model.decoding` for why they are not stacked);
     out [B, N+D+1], count [B], done [B]: the generated tokens; drafted [B, N+D+1]: per entry
     of out, whether it is an accepted draft (False: the trunk's own token); row_drafted [B]:
     accepted drafts kept in out (a step cut short by EOS or max_new_tokens keeps fewer);

@@ -11,6 +11,7 @@ from mtp_jax.lazy import lazy_exports
 _EXPORTS = {
     "ModelConfig": "mtp_jax.model.config",
     "KVCache": "mtp_jax.model.layers",
+    "LatentCache": "mtp_jax.model.mla",
     "Model": "mtp_jax.model.model",
     "ModelOutput": "mtp_jax.model.model",
     "Decoder": "mtp_jax.model.decoding",

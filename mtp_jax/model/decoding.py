@@ -3,17 +3,17 @@
 ```
 dec = Decoder(cfg)                       # or model.decoder()
 p = dec.prepare(params)                  # once, outside any decode loop
-cache = dec.init_cache(batch, slots)     # DecodeCache: one KVCache per layer / per depth
+cache = dec.init_cache(batch, slots)     # DecodeCache: a KVCache (MLA: LatentCache) per layer
 h0, logits, trunk = dec.trunk_step(p, tokens, positions, cache.trunk)   # [B, T, E], [B, T, V]
 h, out_k, cache_k = dec.depth_step(p, k, h_prev, seq, positions, cache.mtp[k - 1])
 ```
 Every step is the same arithmetic as `Model.__call__` on the same parameter tree (the tests
 pin cached == full forward): `Block`, `MTPDepth` and `ParallelHead` applied one layer / depth
 at a time, the depth-k shift from `mtp.depth_tokens`. Layers run unrolled, each with its own
-cache array [B, L, K, H]: a scan over layers would put an XLA while loop inside every decode
-step, and a stacked [n_layers, ...] cache would be sliced and restacked (copied) each step.
-On XLA:CPU `prepare` also copies each layer's weights out of the stacked arrays once
-(`xla_cpu.unstack_before_decoding`).
+cache arrays [B, L, K, H] (MLA: [B, L, C] and [B, L, R]): a scan over layers would put an XLA
+while loop inside every decode step, and a stacked [n_layers, ...] cache would be sliced and
+restacked (copied) each step. On XLA:CPU `prepare` also copies each layer's weights out of the
+stacked arrays once (`xla_cpu.unstack_before_decoding`).
 
 A cache call writes its T new keys at `positions[:, 0] + [0, T)` of each row and attends to
 slots at or before each query, so rolling back is decoding again from an earlier position.
@@ -31,16 +31,19 @@ import jax.numpy as jnp
 
 from mtp_jax import xla_cpu
 from mtp_jax.model.config import ModelConfig
-from mtp_jax.model.layers import Block, KVCache, RMSNorm
+from mtp_jax.model.layers import Block, KVCache, RMSNorm, layer_is_moe
+from mtp_jax.model.mla import LatentCache
 from mtp_jax.model.model import Model
 from mtp_jax.model.mtp import MTPDepth, ParallelHead, depth_tokens
 
 Array = jax.Array
-Caches = tuple[KVCache, ...]
+LayerCache = KVCache | LatentCache
+Caches = tuple[LayerCache, ...]
 
 
 class DecodeCache(NamedTuple):
-    """KV caches for decoding: one KVCache [B, L, K, H] per trunk layer and per MTP depth."""
+    """Caches for decoding, one per trunk layer and per MTP depth: KVCache(k, v [B, L, K, H]),
+    or with `model.attention='mla'` LatentCache(latent [B, L, C], rope_key [B, L, R])."""
 
     trunk: Caches
     mtp: Caches
@@ -101,7 +104,12 @@ class Decoder:
         cfg = self.cfg
         params = unwrap_params(params)
         trunk = params["trunk"]
-        if cfg.scan_layers:
+        if cfg.scan_layers and "dense_layers" in trunk:  # model.moe.first_dense_layers: 2 stacks
+            dense = trunk["dense_layers"]["block"]
+            layers = _unstacked(dense, cfg.moe.first_dense_layers) + _unstacked(
+                trunk["layers"]["block"], cfg.n_layers - cfg.moe.first_dense_layers
+            )
+        elif cfg.scan_layers:
             layers = trunk["layers"]["block"]  # stacked [n_layers, ...]
         else:
             layers = tuple(trunk[f"layers_{i}"] for i in range(cfg.n_layers))
@@ -127,12 +135,16 @@ class Decoder:
         """Zeroed caches for `batch` rows of `length` positions."""
         cfg = self.cfg
 
-        def zeros(n: int) -> Caches:
-            shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-            z = jnp.zeros(shape, cfg.compute_dtype)
-            return tuple(KVCache(z, z) for _ in range(n))
+        def zeros(*shape: int) -> Array:
+            return jnp.zeros((batch, length, *shape), cfg.compute_dtype)
 
-        return DecodeCache(zeros(cfg.n_layers), zeros(cfg.mtp_depth if with_depths else 0))
+        if cfg.attention == "mla":  # the compressed latent and the shared RoPE key
+            one = LatentCache(zeros(cfg.kv_lora_rank), zeros(cfg.qk_rope_head_dim))
+        else:
+            kv = zeros(cfg.n_kv_heads, cfg.head_dim)
+            one = KVCache(kv, kv)
+        depths = cfg.mtp_depth if with_depths else 0
+        return DecodeCache((one,) * cfg.n_layers, (one,) * depths)
 
     # ------------------------------------------------------------------ shared embedding / head
 
@@ -159,7 +171,8 @@ class Decoder:
         x = self.embed(params, tokens)
         new = []
         for i, cache in enumerate(caches):
-            x, cache = Block(cfg).apply({"params": params.layer(i)}, x, positions, None, cache)
+            block = Block(cfg, layer_is_moe(cfg, i))
+            x, cache = block.apply({"params": params.layer(i)}, x, positions, None, cache)
             new.append(cache)
         normed = RMSNorm(cfg).apply({"params": params.final_norm}, x)
         h0 = normed if cfg.mtp_chain_input == "normed" else x
@@ -185,8 +198,8 @@ class Decoder:
         h_prev: Array,
         tokens: Array | None,
         positions: Array,
-        cache: KVCache,
-    ) -> tuple[Array, Array, KVCache]:
+        cache: LayerCache,
+    ) -> tuple[Array, Array, LayerCache]:
         """MTP depth k (1-based) at positions [B, T].
 
         Sequential: h_prev = h^{k-1} [B, T, E] (h^0: `trunk_step`'s h0) and tokens =
