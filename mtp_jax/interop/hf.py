@@ -151,6 +151,7 @@ def to_hf(
     cfg: ModelConfig, params: Any, *, include_mtp: bool = True, engine_copies: bool = False
 ) -> Exported:
     """The model's parameters -> HF-named tensors. Raises if two slots share a name."""
+    check_exportable(cfg)
     flat = layout.flatten(cfg, params)
     tensors: dict[str, np.ndarray] = {}
     left_out = 0
@@ -174,6 +175,21 @@ def to_hf(
     return Exported(tensors, parameters, copies, left_out)
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raises InteropError for models the Llama naming cannot hold: MoE and MLA trunks (their
+    DeepSeek-V3 naming is not written yet), naming the key."""
+    if cfg.moe.enabled:
+        raise InteropError(
+            f"config key 'model.moe.num_experts' has value {cfg.moe.num_experts}: HF export "
+            "covers dense trunks only (no DeepSeek-V3 MoE naming yet)"
+        )
+    if cfg.attention != "mha":
+        raise InteropError(
+            f"config key 'model.attention' has value {cfg.attention!r}: HF export covers "
+            "grouped-query attention only (no DeepSeek MLA naming yet)"
+        )
+
+
 def _n_depth_layers(cfg: ModelConfig) -> int:
     return 1 if cfg.mtp_share_depths else cfg.mtp_depth
 
@@ -182,6 +198,7 @@ def hf_config(cfg: ModelConfig, *, include_mtp: bool = True, max_positions: int 
     """config.json for `cfg`: the Llama fields that define the trunk, DeepSeek-V3's
     `num_nextn_predict_layers` for sequential depths, and our own `mtp_jax` section (the MTP
     settings an import restores)."""
+    check_exportable(cfg)
     depth = cfg.mtp_depth if include_mtp else 0
     out = {
         **ARCH,

@@ -305,7 +305,7 @@ class MoE(nn.Module):
         )
         w = jax.tree.map(lambda a: a.astype(cfg.compute_dtype), w)
         x = x.astype(cfg.compute_dtype)
-        training = self.is_mutable_collection(MOE_STATS)
+        training = self.is_mutable_collection(MOE_STATS) and not self.is_initializing()
         y, stats = sharded_routed_experts(
             cfg, x, router, jax.lax.stop_gradient(bias), w, dropless=not training
         )

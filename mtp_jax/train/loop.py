@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mtp_jax.config import ConfigDict, ConfigError
 from mtp_jax.distributed import barrier, topology
-from mtp_jax.model.flops import model_flops
+from mtp_jax.model.flops import activated_param_count, model_flops
 from mtp_jax.model.model import Model
 from mtp_jax.sharding import (
     batch_sharding,
@@ -266,10 +266,15 @@ def _train(config, workdir, mesh, compile_only, progress, on_step) -> TrainResul
     state, restored_step = checkpointer.restore(with_shardings(abstract, shardings), data_iter)
     if state is None:
         state = init_state(config, model, tx, shardings)
-        log.info(
-            "initialised a fresh state (%d parameters)",
-            sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
-        )
+        total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+        if config.model.moe.num_experts:
+            log.info(
+                "initialised a fresh state (%d parameters, %d activated per token)",
+                total,
+                activated_param_count(config),
+            )
+        else:
+            log.info("initialised a fresh state (%d parameters)", total)
         params, source, fresh = warm_start(config, state.params, shardings.params)
         if source:
             state = state.replace(params=params)
