@@ -81,7 +81,7 @@ def test_load_params_into_mesh_shardings():
     mesh = make_mesh(ConfigDict({"data": 2, "fsdp": 4, "tensor": 1}))
     params = load_params(OLD_RUN, mesh=mesh)
     query = params["trunk"]["layers"]["block"]["attn"]["query"]  # [layers, E, N, H]
-    assert query.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert query.sharding.mesh.shape == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     assert query.sharding.spec[1] == "fsdp"
     assert query.addressable_shards[0].data.shape[1] == query.shape[1] // 4
     with pytest.raises(CheckpointError, match="no checkpoint at step 7"):

@@ -125,7 +125,8 @@ def test_restore_onto_other_meshes(code_store, tmp_path):
         for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
             np.testing.assert_array_equal(np.asarray(x), y)
         emb = restored.params["embed"]["embedding"]
-        assert emb.sharding.mesh.shape == dict(zip(("data", "fsdp", "tensor"), shape))
+        expected = {**dict(zip(("data", "fsdp", "tensor"), shape)), "expert": 1}
+        assert emb.sharding.mesh.shape == expected
     cfg, params = load_checkpoint(str(tmp_path))
     assert cfg.to_dict() == config.to_dict()
     np.testing.assert_array_equal(params["embed"]["embedding"], saved.params["embed"]["embedding"])
