@@ -35,12 +35,9 @@ Next to the measured tokens per verify step, the simulated acceptance length `ev
 (`mtp_jax.loss.accept_length`, from the eval step's predictions: at every position, 1 + how
 many drafts of depths 1..D in a row equal the trunk's own argmax), twice: on --eval-batches
 held-out windows of the training store (teacher forcing on real text, what training logs), and
-on each prompt followed by the trunk's own greedy continuation (the text the decoder really
-drafts on), with the gap to the measured figure. Measured (--big none, 300 steps, 2 cores):
-on the own text the simulated length is within 1-9% of the measured tokens/step (below it: the
-prompt's real code is in the window); on held-out windows 11-29% below, as these briefly
-trained models' greedy continuations (runs of spaces, underscores, "the the") are far easier
-to draft than real code.
+on each prompt followed by the trunk's own greedy continuation, scored at the positions the
+decoder drafts from (the last prompt position onward), with the gap to the measured figure.
+Measured figures: see the closing notes and benchmarks/README.md.
 
 Then, per model, each prompt's speedup at the deepest D (3 for the models trained here) next
 to its greedy continuation. Briefly trained byte models fall into repetitive greedy
@@ -65,6 +62,7 @@ import numpy as np
 
 import mtp_jax
 from mtp_jax.inference import generate, speculative_generate
+from mtp_jax.loss import accept_length, mtp_targets
 from mtp_jax.train.step import make_eval_step
 from mtp_jax.xla_cpu import reexec_with_tuned_malloc
 
@@ -168,6 +166,22 @@ def simulated_accept_len(config, model, params, batches) -> float:
     return total / max(count, 1.0)
 
 
+def own_text_accept_len(model, params, texts) -> float:
+    """The same count as `eval/accept_len`, on the text the decoder drafts on: each entry of
+    `texts` is (prompt + the trunk's greedy continuation [1, L], prompt length P), scored at
+    the draft origins only, positions P-1 onward (decoding never drafts inside the prompt)."""
+    depth = model.config.mtp_depth
+    total = count = 0.0
+    for tokens, plen in texts:
+        tokens = jax.numpy.asarray(tokens)
+        logits = jax.jit(model.apply)({"params": params}, tokens[:, :-1]).logits
+        _, mask = mtp_targets(tokens, None, depth)  # [D+1, 1, S]
+        origin = jax.numpy.arange(mask.shape[-1]) >= plen - 1
+        t, c = accept_length(logits.argmax(-1), mask & origin)
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
+
+
 def timed(fn, model, params, prompts, max_new: int, repeats: int):
     """Decodes each prompt alone (after one warm-up), `repeats` times, keeping each prompt's
     fastest run (the machine may be shared). Returns (tokens, tokens/s, stats per prompt)."""
@@ -240,7 +254,10 @@ def main() -> None:
         rows.append((f"plain, {name} trunk", base_tps, 1.0, "-", 1.0, "-", load, None, None))
         held_out = held_out_batches(config, args.eval_batches) if cfg.mtp_depth else []
         own_text = [
-            {"tokens": np.concatenate([np.frombuffer(p, np.uint8)[None], t[None]], 1)}
+            (
+                np.concatenate([np.frombuffer(p, np.uint8)[None], t[None]], 1).astype(np.int32),
+                len(p),
+            )
             for p, t in zip(prompts, base)
         ]
         for depth in range(1, cfg.mtp_depth + 1):
@@ -252,7 +269,7 @@ def main() -> None:
             same = "yes" if np.array_equal(toks, base) else "NO"
             sim = (
                 simulated_accept_len(config, model, p, held_out),
-                simulated_accept_len(config, model, p, own_text),
+                own_text_accept_len(model, p, own_text),
             )
             rows.append(
                 (f"speculative {name} D={depth}", tps, tps / base_tps, acc, mean, same, load, *sim)
