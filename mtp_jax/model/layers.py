@@ -254,13 +254,13 @@ class Block(nn.Module):
             RMSNorm(self.cfg, name="attn_norm")(x), positions, segment_ids, cache
         )
         x = x + h
+        h = RMSNorm(self.cfg, name="mlp_norm")(x)
         if self.moe:
             from mtp_jax.model.moe import MoE
 
-            ffn = MoE(self.cfg, name="mlp")
+            x = x + MoE(self.cfg, name="mlp")(h, decoding=cache is not None)
         else:
-            ffn = Mlp(self.cfg, name="mlp")
-        x = x + ffn(RMSNorm(self.cfg, name="mlp_norm")(x))
+            x = x + Mlp(self.cfg, name="mlp")(h)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, cache
 

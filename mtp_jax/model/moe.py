@@ -15,8 +15,8 @@ Dispatch (`model.moe.capacity_factor`):
 - > 0: each expert takes at most C = ceil(cf * T * k / E) assignments per device, in token
   order; the rest are dropped (their routed output is 0; the shared experts still run).
   At cf >= E / k nothing can be dropped and the result equals the dropless one. Capacity
-  limits the training forward only (when `moe_stats` is mutable): eval and decoding route
-  dropless, so cached decoding equals the full forward token by token.
+  limits training and eval forwards (same memory); cached decoding steps route dropless, so
+  they equal a dropless full forward token by token.
 
 Expert parallelism: under a mesh (`jax.set_mesh`), the FFN runs in `jax.shard_map` with the
 tokens split over the batch axes ('data', 'fsdp', 'expert') and expert weights over 'expert'
@@ -208,7 +208,7 @@ def routed_experts(
 ) -> tuple[Array, dict[str, Array]]:
     """The routed part of the MoE FFN on local tokens. x [B, S, d] -> (y [B, S, d], stats).
 
-    dropless: ignore `model.moe.capacity_factor` (eval and decoding).
+    dropless: ignore `model.moe.capacity_factor` (decoding).
 
     axes: mesh axis name -> size inside shard_map (None: no mesh); reduce_axes: the axes the
     token-count statistics are summed over (the batch axes), so stats are whole-batch values.
@@ -284,7 +284,9 @@ class MoE(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, decoding: bool = False) -> Array:
+        """x [B, S, E] -> [B, S, E]; decoding (cached steps): dropless whatever the
+        capacity factor."""
         from mtp_jax.model.layers import Mlp, _init
 
         cfg = self.cfg
@@ -307,7 +309,7 @@ class MoE(nn.Module):
         x = x.astype(cfg.compute_dtype)
         training = self.is_mutable_collection(MOE_STATS) and not self.is_initializing()
         y, stats = sharded_routed_experts(
-            cfg, x, router, jax.lax.stop_gradient(bias), w, dropless=not training
+            cfg, x, router, jax.lax.stop_gradient(bias), w, dropless=decoding
         )
         if training:
             for name, value in stats.items():
