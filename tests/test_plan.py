@@ -16,6 +16,7 @@ from conftest import CONFIGS
 from mtp_jax.cli.train import plan_main
 from mtp_jax.config import ConfigError, load_config
 from mtp_jax.model import model_flops, param_count
+from mtp_jax.model.flops import activated_param_count
 from mtp_jax.train import plan as plan_mod
 from mtp_jax.train.plan import GiB, PlanError, plan
 
@@ -57,7 +58,8 @@ def smoke_report(smoke_fsdp):
 @needs_libtpu
 def test_smoke_plan_on_v5p_slice(smoke_report, smoke_fsdp):
     r = smoke_report
-    assert (r.num_devices, r.num_chips, r.mesh) == (4, 4, {"data": 1, "fsdp": 4, "tensor": 1})
+    assert (r.num_devices, r.num_chips) == (4, 4)
+    assert r.mesh == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
     assert r.device_kind.startswith("TPU v5") and "lite" not in r.device_kind
     assert r.hbm_bytes == 95 * GiB
     assert r.fits and r.shortfall_bytes == 0
@@ -177,6 +179,31 @@ def test_hbm_table_by_device_kind():
     assert plan_mod.hbm_per_chip("TPU v4") == 32 * GiB
     assert plan_mod.hbm_per_chip("TPU v6 lite") == 32 * GiB
     assert plan_mod.hbm_per_chip("NVIDIA H100") is None
+
+
+@needs_libtpu
+def test_moe_plan_hints_mesh_expert_and_counts_activated_parameters(smoke_report):
+    """Without compiling again: the smoke plan's report relabelled as a MoE config's."""
+    moe = load_config(str(CONFIGS / "moe_smoke.py"))
+    total, activated = param_count(moe), activated_param_count(moe)
+    assert activated < total
+    short = dataclasses.replace(
+        smoke_report,
+        fits=False,
+        shortfall_bytes=GiB,
+        param_count=total,
+        activated_param_count=activated,
+    )
+    assert "activated per token" in short.to_text()
+    assert "mesh.expert, now 1" in plan_mod.plan_verdict(moe, "moe_smoke.py", short)
+    assert "mesh.expert" not in plan_mod.plan_verdict(load_config(SMOKE), "smoke.py", short)
+    assert "activated" not in smoke_report.to_text()  # dense: one count
+
+    # The train step fits, the eval step (whole batch, dropless routing) does not.
+    eval_oom = dataclasses.replace(short, shortfall_bytes=0, compiler_message="eval step: OOM")
+    assert "the eval step does not" in eval_oom.to_text()
+    verdict = plan_mod.plan_verdict(moe, "moe_smoke.py", eval_oom)
+    assert "does NOT fit" in verdict and "eval step runs out of HBM" in verdict
 
 
 # --------------------------------------------------------------------------- the roofline

@@ -16,7 +16,9 @@ v5p/v5e/v6e; libtpu lists v4 chips as two devices, so a v4 device is half a chip
 - the expected step time at 100% and 50% MFU against the bf16 peak in `train/mfu.py`.
 
 A step that does not fit HBM fails inside the TPU compiler ("Ran out of memory in memory
-space hbm"); the plan catches that and reports the compiler's own usage and shortfall.
+space hbm"); the plan catches that and reports the compiler's own usage and shortfall. When
+it is the eval step that runs out (mtp-train compiles both; MoE layers evaluate dropless over
+the whole batch), the train step is compiled alone and reported, marked as not fitting.
 
 From the command line:
     mtp-train --config configs/tpu_7b.py --workdir /tmp/plan --compile_only --topology v5p:4x4x4
@@ -40,7 +42,7 @@ import numpy as np
 
 from mtp_jax.config import ConfigError
 from mtp_jax.model.config import ModelConfig
-from mtp_jax.model.flops import model_flops, param_count
+from mtp_jax.model.flops import activated_param_count, model_flops, param_count
 from mtp_jax.model.layers import attention_impl
 from mtp_jax.model.model import Model
 from mtp_jax.sharding import make_mesh
@@ -123,6 +125,7 @@ class PlanReport:
     mfu_bound: float = 0.0  # model FLOPs per device / peak / roofline step time: an upper bound
     compiler_message: str = ""  # the TPU compiler's out-of-memory message, if it failed
     notes: list[str] = dataclasses.field(default_factory=list)
+    activated_param_count: int = 0  # parameters one token uses (MoE: top_k routed experts)
 
     @property
     def devices_per_chip(self) -> int:
@@ -155,7 +158,7 @@ class PlanReport:
             ("slice", f"{self.topology}: {self.num_chips} chips, {self.num_devices} devices"),
             ("device kind", self.device_kind),
             ("mesh", mesh),
-            ("parameters", _count(self.param_count)),
+            ("parameters", _params(self.param_count, self.activated_param_count)),
             ("batch", f"{self.global_batch} x {self.seq_len} = {tokens:,} tokens/step"),
             ("", ""),
             (f"memory per {per}", ""),
@@ -170,7 +173,7 @@ class PlanReport:
             ("  generated code", _gib(self.code_bytes)),
             ("  total", f"{_gib(self.total_bytes)}  ({used:.0f}% of HBM)"),
             ("  HBM", _gib(self.hbm_bytes)),
-            ("  fits", "yes" if self.fits else f"NO: short by {_gib(self.shortfall_bytes)}"),
+            ("  fits", _fits(self)),
             ("", ""),
             ("FLOPs per step", ""),
             ("  model (all devices)", f"{self.model_flops:.4g}"),
@@ -205,6 +208,14 @@ class PlanReport:
         return "\n".join(lines)
 
 
+def _fits(r: PlanReport) -> str:
+    if r.fits:
+        return "yes"
+    if not r.shortfall_bytes:  # the train step fits; the eval step ran out (compiler_message)
+        return "NO: the train step fits, the eval step does not"
+    return f"NO: short by {_gib(r.shortfall_bytes)}"
+
+
 def _gib(n: float) -> str:
     """Bytes as GiB, or MiB below 1 GiB."""
     return f"{n / GiB:8.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:8.2f} MiB"
@@ -220,6 +231,13 @@ def _seconds(s: float) -> str:
 
 def _count(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _params(total: int, activated: int) -> str:
+    """The parameter count; with MoE (fewer activated than total) both."""
+    if not activated or activated == total:
+        return _count(total)
+    return f"{_count(total)} total, {_count(activated)} activated per token"
 
 
 # ------------------------------------------------------------------------------ the slice
@@ -361,10 +379,13 @@ def plan(config: Any, topology: str) -> PlanReport:
         attention = attention_impl(
             ModelConfig.from_any(config.model), seq, cached=False, masked=True
         )
+    if config.model.attention == "mla":  # MLA trains with its own XLA attention (model/mla.py)
+        attention = "xla"
     step_100 = flops_model / (peak * len(devices)) if peak else 0.0
 
     start = time.perf_counter()
     compiler_message = ""
+    eval_oom = False
     # Executables compiled for a topology (no client) cannot be read back from JAX's
     # persistent compilation cache: keep them out of it (no writes; a stale entry only warns).
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
@@ -378,6 +399,22 @@ def plan(config: Any, topology: str) -> PlanReport:
             raise
         train_c = None
         compiler_message = _oom_summary(str(e))
+        # compile_steps compiles the train step, then the eval step: which one ran out?
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Error reading persistent compilation cache")
+                train_c = _compile_train_step(config, model, tx, mesh, shardings, abstract)
+        except Exception as e2:  # noqa: BLE001 - as above
+            if not _is_hbm_oom(e2):
+                raise
+        if train_c is not None:
+            eval_oom = True
+            compiler_message = "eval step: " + compiler_message
+            notes.append(
+                "the train step fits as reported above, but the eval step (the whole "
+                "data.batch_size at once, no microbatches; MoE layers route dropless there) ran "
+                "out of HBM, and mtp-train compiles both"
+            )
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
     compile_seconds = time.perf_counter() - start
@@ -433,6 +470,7 @@ def plan(config: Any, topology: str) -> PlanReport:
         global_batch=batch,
         seq_len=seq,
         param_count=param_count(config),
+        activated_param_count=activated_param_count(config),
         param_bytes=param_bytes,
         opt_state_bytes=opt_bytes,
         argument_bytes=arg,
@@ -442,7 +480,7 @@ def plan(config: Any, topology: str) -> PlanReport:
         code_bytes=code,
         total_bytes=total,
         hbm_bytes=hbm,
-        fits=shortfall == 0,
+        fits=shortfall == 0 and not eval_oom,
         shortfall_bytes=shortfall,
         compiled_flops=compiled_flops,
         model_flops=flops_model,
@@ -457,6 +495,30 @@ def plan(config: Any, topology: str) -> PlanReport:
         hbm_bandwidth=bandwidth,
         **roof,
     )
+
+
+def _compile_train_step(config: Any, model: Model, tx, mesh, shardings: Any, abstract: Any):
+    """The train step alone, compiled as `compile_steps` compiles it (to tell, after an
+    out-of-memory error there, whether the train or the eval step ran out)."""
+    import jax.numpy as jnp
+
+    from mtp_jax.sharding import batch_sharding, replicated, with_shardings
+    from mtp_jax.train.step import make_train_step, mesh_context
+    from mtp_jax.window import WindowSpec
+
+    rows = batch_sharding(mesh)
+    batch = dict(WindowSpec.from_config(config).abstract_batch(rows))
+    if config.train.nan_batches:
+        poison = jax.ShapeDtypeStruct((config.data.batch_size,), jnp.float32, sharding=rows)
+        batch["poison"] = poison
+    step = jax.jit(
+        make_train_step(config, model, tx),
+        in_shardings=(shardings, {k: rows for k in batch}),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    with mesh_context(mesh):
+        return step.lower(with_shardings(abstract, shardings), batch).compile()
 
 
 def roofline(
@@ -489,6 +551,14 @@ def plan_verdict(config: Any, config_path: str, report: PlanReport) -> str:
     need, hbm = _gib(report.total_bytes).strip(), _gib(report.hbm_bytes).strip()
     if report.fits:
         return f"{config_path} fits {report.topology}: {need} of {hbm} per device"
+    if not report.shortfall_bytes:
+        return (
+            f"{config_path} does NOT fit {report.topology}: the train step needs {need} of "
+            f"{hbm} per device, but the eval step runs out of HBM ({report.compiler_message}). "
+            f"Try: a smaller data.batch_size (now {config.data.batch_size}; eval runs it whole)"
+            + ("" if report.mesh.get("expert", 1) == 1 else "; a smaller mesh.expert")
+            + "; a bigger slice."
+        )
     return (
         f"{config_path} does NOT fit {report.topology}: each device needs {need} of {hbm} HBM, "
         f"short by {_gib(report.shortfall_bytes).strip()}. "
@@ -501,6 +571,14 @@ def _remedies(config: Any, report: PlanReport) -> list[str]:
     out = []
     if report.mesh["fsdp"] * report.mesh["tensor"] < report.num_devices:
         out.append("shard the state over more devices (mesh.fsdp=-1 or mesh.tensor)")
+    experts, ep = config.model.moe.num_experts, report.mesh.get("expert", 1)
+    if experts and any(
+        n > ep and experts % n == 0 and report.num_devices % n == 0 for n in range(2, experts + 1)
+    ):
+        out.append(
+            f"shard the experts over more devices (mesh.expert, now {ep}; a divisor of "
+            f"model.moe.num_experts={experts})"
+        )
     if config.model.remat_policy != "full":
         out.append("model.remat_policy=full")
     out.append(f"more train.microbatches (now {config.train.microbatches})")
