@@ -330,7 +330,7 @@ def model_config_from_hf(hf: dict, base: ModelConfig | None = None) -> ModelConf
         ModelConfig.validate(values)
     except ConfigError as e:
         raise InteropError(f"config.json gives an invalid model: {e}") from e
-    return ModelConfig(**values)
+    return ModelConfig.from_any(values)
 
 
 def source_has_mtp(hf: dict) -> bool:
