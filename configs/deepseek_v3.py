@@ -14,26 +14,25 @@ token (activated, MTP included).
 Capacity mode (`model.moe.capacity_factor=1.25`): the dropless expert-parallel exchange sends
 every expert shard a worst-case buffer of T*k rows (XLA:CPU has no ragged all-to-all, so the
 exchange is written without one), mesh.expert x T x 8 x 7168 bf16 values per layer: tens of
-GB per device at this size. Eval still routes dropless (so that decoding equals the full
-forward), over the whole data.batch_size at once: that is what caps the batch below.
+GB per device at this size. Capacity limits training and eval forwards alike; only cached
+decoding routes dropless.
 
 State: float32 parameters + Adam's two moments are ~8 TB (+ float32 gradients), so the slice
 is a v5p-1024 (8x8x8, 512 chips, 95 GiB each): fsdp=8 x expert=8 x tensor=8. Expert weights
 [256, 7168, 2048] split experts/8 x d_model/8 x width/8 (every device a 1/512 share); dense
 weights (MLA, shared experts, the dense layers, embedding, head) over fsdp x tensor (1/64;
 MLA's q_up, k_up and v_up over tensor only, 1/8). tensor=8 also splits MLA's [B, 128/8
-heads, S, S] float32 scores (MLA runs XLA attention, no splash kernel). Global batch 128 x
-4096 (524k tokens) in 2 microbatches: 1 sequence per device per microbatch. A bigger
-data.batch_size with more train.microbatches keeps the train step's memory, but eval runs
-the batch whole and dropless (batch 512 on fsdp=4 x expert=32 x tensor=4: 186 GiB of
-temporaries per device in the eval step), so eval caps the batch for now.
+heads, S, S] float32 scores (MLA runs XLA attention, no splash kernel). Global batch 512 x
+4096 (2.1M tokens) in 8 microbatches: 1 sequence per device per microbatch. Eval runs the
+batch whole (in capacity mode, as training; when eval still routed dropless, batch 512 on
+fsdp=4 x expert=32 x tensor=4 needed 186 GiB of temporaries per device in the eval step).
 
 Planned on a 2-core CPU host (see README, "Planning a TPU run"):
     mtp-train --config configs/deepseek_v3.py --workdir /tmp/plan --compile_only \\
         --topology v5p:8x8x8
--> fits: 85.47 GiB per chip of 95 (temporaries 62.17 GiB, parameters 7.66, Adam 15.33), model
-FLOPs 1.530e17 per step, compile 438 s (contended 2-core host, 6.3 GB of RAM). The same
-with 1 microbatch needs 97.27 GiB (short by 2.27).
+-> fits: 78.64 GiB per chip of 95 (temporaries 55.34 GiB, parameters 7.66, Adam 15.33), model
+FLOPs 6.120e17 per step, compile 381 s (contended 2-core host, 6.4 GB of RAM). Batch 128 in
+2 microbatches: 85.47 GiB; in 1: 97.27 GiB (short by 2.27).
 """
 
 from mtp_jax.config import base_config
@@ -80,11 +79,11 @@ def get_config():
     d.path = "gs://YOUR_BUCKET/stores/corpus"  # prepared with mtp-prepare
     d.tokenizer = "byte"  # replace with your tokenizer (vocab <= model.vocab_size)
     d.seq_len = 4096
-    d.batch_size = 128
+    d.batch_size = 512
     d.worker_count = 8
 
     t = config.train
-    t.microbatches = 2  # 1 sequence per device per microbatch (see the docstring)
+    t.microbatches = 8  # 1 sequence per device per microbatch (see the docstring)
     t.steps = 100_000
     t.lr = 2.2e-4
     t.warmup_steps = 2_000

@@ -17,8 +17,8 @@ v5p/v5e/v6e; libtpu lists v4 chips as two devices, so a v4 device is half a chip
 
 A step that does not fit HBM fails inside the TPU compiler ("Ran out of memory in memory
 space hbm"); the plan catches that and reports the compiler's own usage and shortfall. When
-it is the eval step that runs out (mtp-train compiles both; MoE layers evaluate dropless over
-the whole batch), the train step is compiled alone and reported, marked as not fitting.
+it is the eval step that runs out (mtp-train compiles both; eval runs the whole batch at
+once), the train step is compiled alone and reported, marked as not fitting.
 
 From the command line:
     mtp-train --config configs/tpu_7b.py --workdir /tmp/plan --compile_only --topology v5p:4x4x4
@@ -411,9 +411,9 @@ def plan(config: Any, topology: str) -> PlanReport:
             eval_oom = True
             compiler_message = "eval step: " + compiler_message
             notes.append(
-                "the train step fits as reported above, but the eval step (the whole "
-                "data.batch_size at once, no microbatches; MoE layers route dropless there) ran "
-                "out of HBM, and mtp-train compiles both"
+                "the sizes above are the train step's; the eval step (the whole "
+                "data.batch_size at once, no microbatches) ran out of HBM, and mtp-train "
+                "compiles both"
             )
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
