@@ -90,3 +90,25 @@ def tiny_train_config(store: str, *overrides: str):
     from mtp_jax.config import load_config
 
     return load_config(CONFIGS / "smoke.py", [*TINY_TRAIN, f"data.path={store}", *overrides])
+
+
+def assert_every_depth_causal(model, params, tokens, layout: str, vocab: int) -> None:
+    """Perturbing token j of `tokens` [1, S+D] moves depth k's logits at position i iff
+    j <= i + k (sequential chain: depth k reads t[i+k]) or j <= i (parallel heads)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    depth = model.config.mtp_depth
+    n = tokens.shape[1]
+    seq = n - depth
+    # Row j of the batch has token j replaced; row n is the unperturbed input.
+    perturbed = jnp.tile(tokens, (n + 1, 1))
+    perturbed = perturbed.at[jnp.arange(n), jnp.arange(n)].set((tokens[0] + 1) % vocab)
+    logits = jax.jit(model.apply)({"params": params}, perturbed).logits  # [D+1, n+1, S, V]
+    moved = np.asarray(jnp.abs(logits[:, :n] - logits[:, n:]).max(-1) > 1e-6)  # [D+1, j, i]
+    for k in range(depth + 1):
+        for j in range(n):
+            for i in range(seq):
+                allowed = j <= i + k if layout == "sequential" else j <= i
+                assert moved[k, j, i] == allowed, (k, j, i, allowed)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import assert_every_depth_causal, tiny_model_config
 
 import mtp_jax
 from mtp_jax.loss import mtp_targets, weighted_cross_entropy
@@ -42,17 +42,7 @@ def test_causality_of_every_depth(layout, depth):
     seq = 8
     cfg = tiny_model_config(mtp_depth=depth, mtp_layout=layout)
     model, params, tokens = _init(cfg, seq, batch=1)
-    n = seq + depth
-    # Row j of the batch has token j replaced; row n is the unperturbed input.
-    perturbed = jnp.tile(tokens, (n + 1, 1))
-    perturbed = perturbed.at[jnp.arange(n), jnp.arange(n)].set((tokens[0] + 1) % 97)
-    logits = jax.jit(model.apply)({"params": params}, perturbed).logits  # [D+1, n+1, S, V]
-    moved = np.asarray(jnp.abs(logits[:, :n] - logits[:, n:]).max(-1) > 1e-6)  # [D+1, j, i]
-    for k in range(depth + 1):
-        for j in range(n):
-            for i in range(seq):
-                allowed = j <= i + k if layout == "sequential" else j <= i
-                assert moved[k, j, i] == allowed, (k, j, i, allowed)
+    assert_every_depth_causal(model, params, tokens, layout, 97)
 
 
 def _unrolled_features(cfg, params, tokens):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config, tiny_train_config
+from conftest import assert_every_depth_causal, tiny_model_config, tiny_train_config
 from jax.sharding import PartitionSpec as P
 
 import mtp_jax
@@ -379,16 +379,7 @@ def test_causality_of_every_depth_moe_mla(layout):
     cfg = _moe_mla(layout, mtp_depth=depth, vocab_size=97)
     model, params = mtp_jax.Model(cfg), _init(cfg)
     tokens = jax.random.randint(jax.random.key(1), (1, seq + depth), 0, 97)
-    n = seq + depth
-    perturbed = jnp.tile(tokens, (n + 1, 1))
-    perturbed = perturbed.at[jnp.arange(n), jnp.arange(n)].set((tokens[0] + 1) % 97)
-    logits = jax.jit(model.apply)({"params": params}, perturbed).logits
-    moved = np.asarray(jnp.abs(logits[:, :n] - logits[:, n:]).max(-1) > 1e-6)
-    for k in range(depth + 1):
-        for j in range(n):
-            for i in range(seq):
-                allowed = j <= i + k if layout == "sequential" else j <= i
-                assert moved[k, j, i] == allowed, (k, j, i, allowed)
+    assert_every_depth_causal(model, params, tokens, layout, 97)
 
 
 @pytest.mark.parametrize("layout", ["sequential", "parallel"])
