@@ -439,3 +439,45 @@ def test_bad_moe_configs_name_the_key(overrides, key):
 
     with pytest.raises(ConfigError, match=key):
         load_config("configs/smoke.py", overrides)
+
+
+def test_sequence_balance_loss_equals_a_hand_count():
+    """DeepSeek-V3 eq. 17-20 per row, by loops: f_i = E/(k S) #(tokens choosing i),
+    P_i = mean_t s_it / sum_j s_jt, loss = sum_rows sum_i f_i P_i."""
+    from mtp_jax.model.moe import balance_loss
+
+    rows, seq, e, k = 2, 5, 4, 2
+    logits = jax.random.normal(jax.random.key(7), (rows * seq, e))
+    r = route(logits, jnp.zeros(e), k, 1.0)
+    s = 1 / (1 + np.exp(-np.asarray(logits)))
+    experts = np.asarray(r.experts)
+    expected = 0.0
+    for b in range(rows):
+        for i in range(e):
+            tokens = range(b * seq, (b + 1) * seq)
+            f = e / (k * seq) * sum(i in experts[t] for t in tokens)
+            p = np.mean([s[t, i] / s[t].sum() for t in tokens])
+            expected += f * p
+    np.testing.assert_allclose(float(balance_loss(r, rows, e)), expected, rtol=1e-5)
+
+
+def test_balance_loss_enters_the_training_loss_with_its_weight():
+    from mtp_jax.model.moe import balance_loss_sum
+    from mtp_jax.train.step import loss_and_metrics
+
+    window = jax.random.randint(jax.random.key(5), (2, 8 + 3), 0, 97)
+    losses = {}
+    for alpha in (0.0, 0.5):
+        cfg = _moe_cfg(balance_loss_weight=alpha)
+        model = mtp_jax.Model(cfg)
+        params = jax.jit(model.init)(jax.random.key(0), window[:, :-1])["params"]
+        fn = jax.jit(
+            lambda p, m=model: loss_and_metrics(
+                m, p, {"tokens": window}, jnp.ones(2), router_stats=True
+            )
+        )
+        loss, aux = fn(params)
+        losses[alpha] = (float(loss), aux[3])
+    extra = 0.5 * float(balance_loss_sum(losses[0.5][1])) / 2  # alpha * sum over layers / rows
+    assert extra > 0
+    np.testing.assert_allclose(losses[0.5][0] - losses[0.0][0], extra, rtol=1e-4)
