@@ -25,19 +25,22 @@ D=1 and D=2 use the first 1 or 2 depths of a D=3 model. Prompts are the openings
 functions (`def` blocks a third into every 10th file); every prompt is decoded alone (batch 1,
 the latency setting speculative decoding is for), greedily, for --max-new-tokens tokens. Prints
 a markdown table: tokens/s (best of --repeats runs per prompt), speedup over plain decoding of
-the same trunk, acceptance per draft position, tokens per verify step, the cost of one
-speculative step in plain-token times (tokens per step / speedup), whether the tokens equal
-plain greedy's, and the 1-minute load average. Tokens/s count the whole call, prefill included
+the same trunk, acceptance per draft position and tokens per verify step (both pooled over
+the prompts' verify steps), the cost of one speculative step in plain-token times (tokens per
+step / speedup), whether the tokens equal plain greedy's, and the 1-minute load average. Tokens/s count the whole call, prefill included
 (with speculation, 128 tokens take ~40 verify steps, so the prefill weighs ~3x more than in
 plain decoding), and the step cost is derived from them, prefill included.
 
-Next to the measured tokens per verify step, the simulated acceptance length `eval/accept_len`
-(`mtp_jax.loss.accept_length`, from the eval step's predictions: at every position, 1 + how
-many drafts of depths 1..D in a row equal the trunk's own argmax), twice: on --eval-batches
-held-out windows of the training store (teacher forcing on real text, what training logs), and
-on each prompt followed by the trunk's own greedy continuation, scored at the positions the
-decoder drafts from (the last prompt position onward), with the gap to the measured figure.
-Measured figures: see the closing notes and benchmarks/README.md.
+Next to the measured tokens per verify step, the simulated acceptance length three ways,
+each with its gap to the measured figure: `eval/accept_len` (`mtp_jax.loss.accept_length`,
+from the eval step's predictions: at every position, 1 + how many drafts of depths 1..D in a
+row equal the trunk's own argmax) on --eval-batches held-out windows of the training store
+(teacher forcing on real text, what training logs); the same count on each prompt followed by
+the trunk's own greedy continuation, averaged over the positions the decoder can draft from
+(the prompt's last onward); and `mtp_jax.inference.simulated_acceptance` on that text, which
+replays the decoder's own sequence of draft origins on the same teacher-forced predictions
+(`loss.accept_walk`) and so equals the measured figure. Measured figures: see the closing
+notes and benchmarks/README.md.
 
 Then, per model, each prompt's speedup at the deepest D (3 for the models trained here) next
 to its greedy continuation. Briefly trained byte models fall into repetitive greedy
@@ -61,8 +64,7 @@ import jax
 import numpy as np
 
 import mtp_jax
-from mtp_jax.inference import generate, speculative_generate
-from mtp_jax.loss import accept_length, mtp_targets
+from mtp_jax.inference import generate, simulated_acceptance, speculative_generate
 from mtp_jax.train.step import make_eval_step
 from mtp_jax.xla_cpu import reexec_with_tuned_malloc
 
@@ -166,20 +168,14 @@ def simulated_accept_len(config, model, params, batches) -> float:
     return total / max(count, 1.0)
 
 
-def own_text_accept_len(model, params, texts) -> float:
-    """The same count as `eval/accept_len`, on the text the decoder drafts on: each entry of
-    `texts` is (prompt + the trunk's greedy continuation [1, L], prompt length P), scored at
-    the draft origins only, positions P-1 onward (decoding never drafts inside the prompt)."""
-    depth = model.config.mtp_depth
-    total = count = 0.0
-    for tokens, plen in texts:
-        tokens = jax.numpy.asarray(tokens)
-        logits = jax.jit(model.apply)({"params": params}, tokens[:, :-1]).logits
-        _, mask = mtp_targets(tokens, None, depth)  # [D+1, 1, S]
-        origin = jax.numpy.arange(mask.shape[-1]) >= plen - 1
-        t, c = accept_length(logits.argmax(-1), mask & origin)
-        total, count = total + float(t), count + float(c)
-    return total / max(count, 1.0)
+def own_text(model, params, prompts: list[bytes], max_new: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each prompt followed by the trunk's greedy continuation, long enough for
+    `simulated_acceptance` to replay `max_new` tokens of decoding: (text [N, T], lengths [N])."""
+    ids = np.stack([np.frombuffer(p, np.uint8) for p in prompts]).astype(np.int32)
+    lengths = np.full(len(prompts), ids.shape[1])
+    more = max_new + 2 * model.config.mtp_depth
+    res = generate(model, params, ids, lengths, max_new_tokens=more)
+    return np.concatenate([ids, np.asarray(res.tokens)], axis=1), lengths
 
 
 def timed(fn, model, params, prompts, max_new: int, repeats: int):
@@ -251,25 +247,25 @@ def main() -> None:
     for name, (cfg, params, config) in models.items():
         load = os.getloadavg()[0]
         base, base_tps, base_stats = timed(generate, mtp_jax.Model(cfg), params, prompts, n, r)
-        rows.append((f"plain, {name} trunk", base_tps, 1.0, "-", 1.0, "-", load, None, None))
-        held_out = held_out_batches(config, args.eval_batches) if cfg.mtp_depth else []
-        own_text = [
-            (
-                np.concatenate([np.frombuffer(p, np.uint8)[None], t[None]], 1).astype(np.int32),
-                len(p),
-            )
-            for p, t in zip(prompts, base)
-        ]
+        rows.append((f"plain, {name} trunk", base_tps, 1.0, "-", 1.0, "-", load, None, None, None))
+        if cfg.mtp_depth:
+            held_out = held_out_batches(config, args.eval_batches)
+            text, lengths = own_text(mtp_jax.Model(cfg), params, prompts, n)
         for depth in range(1, cfg.mtp_depth + 1):
             load = os.getloadavg()[0]
             model, p = sliced(cfg, params, depth)
             toks, tps, stats = timed(speculative_generate, model, p, prompts, n, r)
-            acc = "/".join(f"{a:.2f}" for a in np.mean([s["acceptance"] for s in stats], axis=0))
-            mean = float(np.mean([s["mean_accepted"] for s in stats]))
+            # Pooled over the prompts' verify steps (each prompt is decoded alone: batch 1).
+            steps = np.array([s["steps"] for s in stats], float)
+            accepted = np.array([s["acceptance"] for s in stats]) * steps[:, None]
+            acc = "/".join(f"{a:.2f}" for a in accepted.sum(0) / steps.sum())
+            mean = float(np.dot([s["mean_accepted"] for s in stats], steps) / steps.sum())
             same = "yes" if np.array_equal(toks, base) else "NO"
+            replay = simulated_acceptance(model, p, text, lengths, n)
             sim = (
                 simulated_accept_len(config, model, p, held_out),
-                own_text_accept_len(model, p, own_text),
+                replay["accept_len"],
+                replay["tokens_per_step"],
             )
             rows.append(
                 (f"speculative {name} D={depth}", tps, tps / base_tps, acc, mean, same, load, *sim)
@@ -282,18 +278,18 @@ def main() -> None:
         f"{jax.devices()[0].platform} ({jax.device_count()} device, {os.cpu_count()} cores)\n"
     )
     head = "| decoding | tokens/s | speedup | acceptance per position | tokens/step |"
-    head += " sim. accept_len held-out (gap) | sim. accept_len own text (gap) |"
+    head += " sim. held-out (gap) | sim. own text (gap) | sim. own text, replayed (gap) |"
     print(head + " step cost | identical | load |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|")
 
     def sim(value, measured):
         return "-" if value is None else f"{value:.2f} ({value / measured - 1:+.0%})"
 
-    for name, tps, speed, acc, mean, same, load, held, own in rows:
+    for name, tps, speed, acc, mean, same, load, held, own, replayed in rows:
         cost = f"{mean / speed:.2f}x"  # one verify step, in plain decoding's per-token time
         print(
             f"| {name} | {tps:.0f} | {speed:.2f}x | {acc} | {mean:.2f} | {sim(held, mean)} "
-            f"| {sim(own, mean)} | {cost} | {same} | {load:.1f} |"
+            f"| {sim(own, mean)} | {sim(replayed, mean)} | {cost} | {same} | {load:.1f} |"
         )
     for name, (toks, base_stats, stats) in per_prompt.items():
         # What the speedup rests on: acceptance follows how predictable each continuation is.

@@ -303,8 +303,22 @@ def draft_agreement(pred: Array, mask: Array) -> tuple[Array, Array]:
     return jnp.stack(agree).astype(jnp.float32), jnp.stack(count).astype(jnp.float32)
 
 
+def _accepted_prefix(pred: Array, mask: Array) -> tuple[Array, Array]:
+    """pred, mask [D+1, B, S] -> (1 + accepted prefix length [B, S-D] int32, origin valid
+    [B, S-D] bool): at origin i, how many tokens a greedy verify step emits."""
+    depth, seq = pred.shape[0] - 1, pred.shape[2]
+    chain = jnp.ones(mask.shape[1:2] + (seq - depth,), bool)
+    total = jnp.ones(chain.shape, jnp.int32)
+    for k in range(1, depth + 1):
+        same = pred[k, :, : seq - depth] == pred[0, :, k : seq - depth + k]
+        chain = chain & same & mask[k, :, : seq - depth]
+        total = total + chain
+    return total, mask[0, :, : seq - depth]
+
+
 def accept_length(pred: Array, mask: Array) -> tuple[Array, Array]:
-    """Simulated acceptance length of greedy self-speculative decoding, under teacher forcing.
+    """Simulated acceptance length of greedy self-speculative decoding, averaged over every
+    position, under teacher forcing.
 
     At position i, the drafts of depths 1..D (argmax of depth k at i) are accepted while they
     all equal the trunk's own argmax at i + k (the tokens a greedy verifier emits); a verify
@@ -312,16 +326,42 @@ def accept_length(pred: Array, mask: Array) -> tuple[Array, Array]:
     depth has a trunk argmax to compare with (i < S - D) and depth 0's target is valid; a
     depth whose target lies in a later document (mask False) ends the prefix.
     pred, mask [D+1, B, S] -> (sum over those positions of 1 + prefix length [], count []).
+    `accept_walk` replays the decoder's own choice of positions instead.
     """
-    depth, seq = pred.shape[0] - 1, pred.shape[2]
-    valid = mask[0, :, : seq - depth]
-    chain = jnp.ones(valid.shape, bool)
-    total = jnp.ones(valid.shape, jnp.float32)
-    for k in range(1, depth + 1):
-        same = pred[k, :, : seq - depth] == pred[0, :, k : seq - depth + k]
-        chain = chain & same & mask[k, :, : seq - depth]
-        total = total + chain
-    return jnp.where(valid, total, 0.0).sum(), valid.sum().astype(jnp.float32)
+    total, valid = _accepted_prefix(pred, mask)
+    return jnp.where(valid, total, 0).sum().astype(jnp.float32), valid.sum().astype(jnp.float32)
+
+
+def accept_walk(pred: Array, mask: Array) -> tuple[Array, Array]:
+    """Greedy self-speculative decoding replayed on teacher-forced predictions: tokens per
+    verify step, as the decoder counts them.
+
+    A greedy decoder does not draft from every position: a verify step at origin i emits
+    a = 1 + (accepted prefix) tokens and the next step drafts from i + a. Each row is walked
+    that way from its first scored position (`accept_length`'s positions; an origin that is
+    not scored, such as padding, is stepped over without a verify step). On text that is the
+    trunk's own greedy output, scored from the prompt's last position, this is exactly the
+    decoder's step sequence, so the ratio equals its measured tokens per step (up to argmax
+    ties that the cached and full forward passes break differently). Averaging over every
+    position instead (`accept_length`) weighs the steps differently: on repetitive text a
+    decoder that locks onto one phase of a repeat can accept much more, or less, than the
+    average position does.
+    pred, mask [D+1, B, S] -> (tokens emitted [], verify steps []), summed over rows.
+    """
+    lengths, valid = _accepted_prefix(pred, mask)
+
+    def visit(carry, column):
+        origin, tokens, steps = carry
+        i, a, v = column
+        here = origin == i
+        take = here & v
+        origin = jnp.where(here, i + jnp.where(v, a, 1), origin)
+        return (origin, tokens + jnp.where(take, a, 0), steps + take), None
+
+    zeros = jnp.zeros(lengths.shape[:1], jnp.int32)
+    columns = (jnp.arange(lengths.shape[1], dtype=jnp.int32), lengths.T, valid.T)
+    (_, tokens, steps), _ = jax.lax.scan(visit, (zeros, zeros, zeros), columns)
+    return tokens.sum().astype(jnp.float32), steps.sum().astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------ drafter objectives

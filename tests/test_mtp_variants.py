@@ -9,7 +9,13 @@ import pytest
 from conftest import CONFIGS, TINY_TRAIN, tiny_model_config
 
 from mtp_jax.config import ConfigDict, ConfigError, load_config
-from mtp_jax.loss import accept_length, draft_agreement, mtp_targets, weighted_cross_entropy
+from mtp_jax.loss import (
+    accept_length,
+    accept_walk,
+    draft_agreement,
+    mtp_targets,
+    weighted_cross_entropy,
+)
 from mtp_jax.model import Model
 from mtp_jax.model.mtp import MTPDepth, mixed_input
 from mtp_jax.sharding import make_mesh
@@ -335,6 +341,24 @@ def _brute_accept(pred, mask):
     return total, count
 
 
+def _brute_walk(pred, mask):
+    """A greedy decoder's steps, row by row: draft from i, emit 1 + accepted, move on."""
+    depth, batch, seq = pred.shape
+    depth -= 1
+    tokens = steps = 0
+    for b in range(batch):
+        i = 0
+        while i < seq - depth:
+            if not mask[0, b, i]:
+                i += 1
+                continue
+            n = 0
+            while n < depth and mask[n + 1, b, i] and pred[n + 1, b, i] == pred[0, b, i + n + 1]:
+                n += 1
+            tokens, steps, i = tokens + 1 + n, steps + 1, i + 1 + n
+    return tokens, steps
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_accept_len_equals_brute_force_count(depth):
     """Hand-built logits over a 3-token vocabulary (many agreements), packed documents."""
@@ -349,6 +373,10 @@ def test_accept_len_equals_brute_force_count(depth):
     expect = _brute_accept(pred, np.asarray(mask))
     assert (float(total), float(count)) == expect
     assert 1.0 < expect[0] / expect[1] < depth + 1  # neither extreme: the check can fail
+    tokens, steps = jax.jit(accept_walk)(jnp.asarray(pred), mask)
+    walked = _brute_walk(pred, np.asarray(mask))
+    assert (float(tokens), float(steps)) == walked
+    assert walked[1] < expect[1]  # the walk skips the positions a step emits past
     # D = 1: 1 + depth 1's agreement (a draft across a document boundary is never accepted).
     if depth == 1:
         agree, agree_count = draft_agreement(jnp.asarray(pred), mask)
@@ -366,10 +394,12 @@ def _fibonacci(key, shape, mod=12):
 
 def test_accept_len_matches_measured_greedy_tokens_per_step():
     """A tiny D=2 model trained briefly on Fibonacci sequences mod 12 (partly learnt: the
-    drafts are accepted sometimes, not always): the eval step's accept_len on the model's own
-    greedy continuations equals self-speculative decoding's measured tokens per verify step
-    within 10% (the simulation averages over every position, decoding over its verify steps)."""
-    from mtp_jax.inference import generate, speculative_generate
+    drafts are accepted sometimes, not always). On the model's own greedy continuations:
+    - the decoder's steps replayed on one teacher-forced forward (`simulated_acceptance`,
+      `loss.accept_walk`) give exactly self-speculative decoding's measured tokens per step;
+    - the eval step's accept_len (every position) is within 10% of it."""
+    from mtp_jax.inference import generate, simulated_acceptance, speculative_generate
+    from mtp_jax.inference.speculative import speculative_decode_state
 
     overrides = ("model.mtp_depth=2", "model.vocab_size=97")
     config = _config(*overrides, "train.steps=200", "train.lr=1e-2")
@@ -381,16 +411,29 @@ def test_accept_len_matches_measured_greedy_tokens_per_step():
         state, _ = step(state, {"tokens": _fibonacci(jax.random.key(100 + i), shape)})
     prompts = np.asarray(_fibonacci(jax.random.key(8), (16, 3)))
     lengths = np.full(16, 3)
-    plain = generate(model, state.params, prompts, lengths, max_new_tokens=64)
+    plain = generate(model, state.params, prompts, lengths, max_new_tokens=64 + 3)
     spec = speculative_generate(model, state.params, prompts, lengths, max_new_tokens=64)
-    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens[:, :64])
     measured = spec.stats["mean_accepted"]
-    text = np.concatenate([prompts, np.asarray(plain.tokens)], axis=1)  # [16, 3 + 64]
+    assert 1.2 < measured < 2.8, measured  # neither extreme: the comparison means something
+    text = np.concatenate([prompts, np.asarray(plain.tokens)], axis=1)  # [16, 3 + 67]
+    replay = simulated_acceptance(model, state.params, text, lengths, max_new_tokens=64)
+    assert replay["tokens_per_step"] == pytest.approx(measured, rel=1e-6)
+    loop, _, _ = speculative_decode_state(model, state.params, prompts, lengths, max_new_tokens=64)
+    assert replay["steps"] == int(loop.row_steps)  # the same verify steps, summed over rows
+    with pytest.raises(ValueError, match="max_new_tokens 64"):
+        simulated_acceptance(model, state.params, text[:, :-1], lengths, max_new_tokens=64)
+
     eval_config = _config(*overrides, "loss.chunk_size=0")
     sums = make_eval_step(eval_config, model)(state.params, {"tokens": jnp.asarray(text)})
     simulated = float(sums["accept_sum"] / sums["accept_count"])
     logged = eval_summary(jax.device_get(sums))  # what the training loop logs
     assert logged["eval/accept_len"] == pytest.approx(simulated)
-    assert 1.2 < measured < 2.8, measured  # neither extreme: the comparison means something
-    print(f"accept_len simulated {simulated:.3f}, measured tokens/step {measured:.3f}")
+    walk = float(sums["accept_walk_sum"] / sums["accept_walk_count"])
+    assert logged["eval/accept_len_walk"] == pytest.approx(walk)
+    assert 1.0 < walk < 3.0
+    print(
+        f"accept_len simulated {simulated:.3f}, replayed {replay['tokens_per_step']:.3f}, "
+        f"measured tokens/step {measured:.3f}"
+    )
     assert abs(simulated - measured) <= 0.1 * measured, (simulated, measured)

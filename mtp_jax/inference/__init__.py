@@ -7,7 +7,8 @@ res.tokens [B, 64], res.num_generated [B], res.stats['acceptance'], res.stats['m
 ```
 """
 
+from mtp_jax.inference.acceptance import simulated_acceptance
 from mtp_jax.inference.decode import DecodeResult, Sampler, generate
 from mtp_jax.inference.speculative import speculative_generate
 
-__all__ = ["DecodeResult", "Sampler", "generate", "speculative_generate"]
+__all__ = ["DecodeResult", "Sampler", "generate", "simulated_acceptance", "speculative_generate"]

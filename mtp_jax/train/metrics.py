@@ -54,6 +54,10 @@ def eval_summary(acc: dict[str, np.ndarray]) -> dict[str, float]:
         out[f"eval/agreement/depth_{k}"] = float(a) / max(float(n), 1.0)
     if "accept_sum" in acc:  # simulated greedy tokens per verify step (loss.accept_length)
         out["eval/accept_len"] = float(acc["accept_sum"]) / max(float(acc["accept_count"]), 1.0)
+    if "accept_walk_sum" in acc:  # the same at the positions a decoder drafts from (accept_walk)
+        out["eval/accept_len_walk"] = float(acc["accept_walk_sum"]) / max(
+            float(acc["accept_walk_count"]), 1.0
+        )
     out.update(objective_summary("eval/", acc))
     return out
 

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from mtp_jax.loss import (
     DepthSums,
     accept_length,
+    accept_walk,
     depth_weights,
     draft_agreement,
     mtp_loss,
@@ -245,8 +246,10 @@ def apply_gradients(
 
 def make_eval_step(config: Any, model: Model):
     """eval_step(params, batch) -> sums per depth, draft agreement with depth 0 and, with MTP
-    depths, the simulated greedy acceptance length (`accept_sum` / `accept_count`, from the
-    same predictions: no extra forward pass)."""
+    depths, the simulated greedy acceptance length from the same predictions (no extra
+    forward pass): `accept_sum` / `accept_count`, the accepted length averaged over every
+    position (`loss.accept_length`), and `accept_walk_sum` / `accept_walk_count`, tokens per
+    verify step of a greedy decode replayed on the batch (`loss.accept_walk`)."""
     depth = config.model.mtp_depth
     chunk = config.loss.chunk_size
     objective = config.loss.mtp_objective
@@ -260,6 +263,7 @@ def make_eval_step(config: Any, model: Model):
         accept = {}
         if depth:
             accept = dict(zip(("accept_sum", "accept_count"), accept_length(pred, mask)))
+            accept.update(zip(("accept_walk_sum", "accept_walk_count"), accept_walk(pred, mask)))
         return {
             "loss_sum": sums.loss,
             "correct": sums.correct,
