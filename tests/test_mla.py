@@ -260,3 +260,19 @@ def test_odd_rope_width_is_a_config_error_naming_the_key():
     load_config(CONFIGS / "smoke.py", ["model.attention=mla", "model.qk_rope_head_dim=4"])
     with pytest.raises(ConfigError, match="model.qk_rope_head_dim"):
         load_config(CONFIGS / "smoke.py", ["model.attention=mla", "model.qk_rope_head_dim=3"])
+
+
+def test_mla_has_no_key_value_heads_to_divide_and_rotates_only_the_rope_part():
+    """Under MLA, n_kv_heads is unused and head_dim (the unrotated part) may be odd; both are
+    config errors for GQA."""
+    odd = ["model.n_kv_heads=3", "model.head_dim=7"]
+    config = load_config(CONFIGS / "smoke.py", ["model.attention=mla", *odd])
+    cfg = tiny_model_config(**{**MLA, "head_dim": 7, "n_kv_heads": 3})
+    tokens = jnp.zeros((1, SEQ + DEPTH), jnp.int32)
+    model = mtp_jax.Model(cfg)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)  # traced, not compiled
+    logits = jax.eval_shape(model.apply, params, tokens).logits
+    assert config.model.head_dim == 7 and logits.shape == (DEPTH + 1, 1, SEQ, VOCAB)
+    for key in odd:
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            load_config(CONFIGS / "smoke.py", [key])

@@ -299,3 +299,19 @@ def test_mtp_plan_cli_writes_the_plan_json(tmp_path, capsys):
     assert code == 0
     assert json.loads(out.read_text())["fits"] is True
     assert "MFU at most" in capsys.readouterr().out
+
+
+def test_search_tries_expert_splits_for_moe_and_every_head_for_mla():
+    """No compile: the layouts `search` would plan. Dense GQA (2 K/V heads): expert 1, tensor
+    1 or 2. MoE + MLA (8 experts, 4 heads, no K/V heads): expert splits dividing 8, tensor up
+    to 4, and every split uses the whole slice."""
+    dense = plan_mod.candidate_overrides(load_config(SMOKE, TINY_PLAN), 8, limit=100)
+    assert {o["mesh.expert"] for o in dense} == {1}
+    assert {o["mesh.tensor"] for o in dense} == {1, 2}
+    moe = load_config(str(CONFIGS / "moe_smoke.py"), ["data.batch_size=8"])
+    found = plan_mod.candidate_overrides(moe, 8, limit=100)
+    assert {o["mesh.expert"] for o in found} == {1, 2, 4, 8}
+    assert {o["mesh.tensor"] for o in found} == {1, 2, 4}
+    assert all(o["mesh.fsdp"] * o["mesh.expert"] * o["mesh.tensor"] == 8 for o in found)
+    first = plan_mod.candidate_overrides(moe, 8, limit=1)[0]  # the config's own layout first
+    assert (first["mesh.expert"], first["mesh.tensor"]) == (moe.mesh.expert, 1)

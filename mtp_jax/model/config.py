@@ -232,7 +232,7 @@ class ModelConfig:
                 v["qk_rope_head_dim"],
                 "an even number (rotary embedding pairs)",
             )
-        if v["n_heads"] % v["n_kv_heads"]:
+        if v["attention"] != "mla" and v["n_heads"] % v["n_kv_heads"]:  # MLA has no K/V heads
             fail(
                 prefix + "n_kv_heads",
                 v["n_kv_heads"],
@@ -259,7 +259,7 @@ class ModelConfig:
                 f">= 2 with {prefix}mtp_hidden_mixing={v['mtp_hidden_mixing']} (depth k >= 2 "
                 "mixes in earlier states), or set the mixing to 0",
             )
-        if v["head_dim"] % 2:
+        if v["attention"] != "mla" and v["head_dim"] % 2:  # MLA rotates qk_rope_head_dim only
             fail(prefix + "head_dim", v["head_dim"], "an even number (rotary embedding pairs)")
 
     @property

@@ -600,12 +600,21 @@ class Candidate:
 
 
 def candidate_overrides(config: Any, num_devices: int, limit: int = 12) -> list[dict[str, Any]]:
-    """A small set of layouts for `num_devices` devices: (fsdp, tensor) splits of the slice
-    (tensor dividing the key/value heads) x remat policies x microbatches that divide the
-    batch, ordered by how many settings differ from the config's own (so that a short list
-    still varies every setting). At most `limit`."""
+    """A small set of layouts for `num_devices` devices: (fsdp, expert, tensor) splits of the
+    slice (tensor dividing the attention heads: the key/value heads of GQA, every head of MLA;
+    expert > 1 only with MoE layers, dividing model.moe.num_experts) x remat policies x
+    microbatches that divide the batch, ordered by how many settings differ from the config's
+    own (so that a short list still varies every setting). At most `limit`."""
     m, batch = config.model, config.data.batch_size
-    tensors = [t for t in (1, 2, 4, 8) if num_devices % t == 0 and m.n_kv_heads % t == 0]
+    heads = m.n_heads if m.get("attention", "gqa") == "mla" else m.n_kv_heads
+    experts = int(m.moe.num_experts) if "moe" in m else 0
+    splits = [
+        (expert, tensor)
+        for expert in (1, 2, 4, 8, 16, 32, 64)
+        if expert == 1 or (experts and experts % expert == 0)
+        for tensor in (1, 2, 4, 8)
+        if heads % tensor == 0 and num_devices % (expert * tensor) == 0
+    ]
     remats = list(dict.fromkeys([m.remat_policy, "dots_no_batch", "full"]))
     micros = [
         n
@@ -614,18 +623,20 @@ def candidate_overrides(config: Any, num_devices: int, limit: int = 12) -> list[
     ] or [config.train.microbatches]
     own = {
         "mesh.tensor": config.mesh.tensor if config.mesh.tensor > 0 else None,
+        "mesh.expert": config.mesh.get("expert", 1),
         "model.remat_policy": m.remat_policy,
         "train.microbatches": config.train.microbatches,
     }
     out = [
         {
             "mesh.data": 1,
-            "mesh.fsdp": num_devices // tensor,
+            "mesh.fsdp": num_devices // (expert * tensor),
+            "mesh.expert": expert,
             "mesh.tensor": tensor,
             "model.remat_policy": remat,
             "train.microbatches": micro,
         }
-        for remat, micro, tensor in itertools.product(remats, micros, tensors)
+        for remat, micro, (expert, tensor) in itertools.product(remats, micros, splits)
     ]
     out.sort(key=lambda o: sum(o[k] != v for k, v in own.items()))  # stable: keeps the order
     return out[:limit]
@@ -663,13 +674,15 @@ def search(config: Any, topology: str, limit: int = 12, progress: Any = None) ->
 def search_table(candidates: list[Candidate]) -> str:
     """The ranked candidates as a markdown table."""
     rows = [
-        "| rank | mesh (data x fsdp x tensor) | remat | microbatches | fits | GiB per chip "
-        "| step >= | MFU <= | compile s |",
+        "| rank | mesh (data x fsdp x expert x tensor) | remat | microbatches | fits "
+        "| GiB per chip | step >= | MFU <= | compile s |",
         "|---:|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for i, c in enumerate(candidates, start=1):
         o = c.overrides
-        mesh = f"{o['mesh.data']} x {o['mesh.fsdp']} x {o['mesh.tensor']}"
+        mesh = (
+            f"{o['mesh.data']} x {o['mesh.fsdp']} x {o.get('mesh.expert', 1)} x {o['mesh.tensor']}"
+        )
         head = f"| {i} | {mesh} | {o['model.remat_policy']} | {o['train.microbatches']} "
         r = c.report
         if r is None:
