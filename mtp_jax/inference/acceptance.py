@@ -37,7 +37,9 @@ def simulated_acceptance(
     position (draft origin P-1), 'accept_len': 1 + accepted prefix averaged over every origin
     the decoder could draft from (P-1 .. P+max_new_tokens-3) instead, 'steps': the replayed
     verify steps}. `speculative_generate`'s stats['mean_accepted'] on the same prompts equals
-    'tokens_per_step' (up to argmax ties broken differently by the cached and full forwards).
+    'tokens_per_step' (up to argmax ties broken differently by the cached and full forwards,
+    and, for MoE models with `moe.capacity_factor` > 0, tokens the full forward drops: cached
+    decoding routes dropless).
     """
     cfg = ModelConfig.from_any(model.config)
     if not cfg.mtp_depth:
