@@ -27,9 +27,10 @@ the latency setting speculative decoding is for), greedily, for --max-new-tokens
 a markdown table: tokens/s (best of --repeats runs per prompt), speedup over plain decoding of
 the same trunk, acceptance per draft position and tokens per verify step (both pooled over
 the prompts' verify steps), the cost of one speculative step in plain-token times (tokens per
-step / speedup), whether the tokens equal plain greedy's, and the 1-minute load average. Tokens/s count the whole call, prefill included
-(with speculation, 128 tokens take ~40 verify steps, so the prefill weighs ~3x more than in
-plain decoding), and the step cost is derived from them, prefill included.
+step / speedup), whether the tokens equal plain greedy's, and the 1-minute load average.
+Tokens/s count the whole call, prefill included (with speculation, 128 tokens take ~40 verify
+steps, so the prefill weighs ~3x more than in plain decoding), and the step cost is derived
+from them, prefill included.
 
 Next to the measured tokens per verify step, the simulated acceptance length three ways,
 each with its gap to the measured figure: `eval/accept_len` (`mtp_jax.loss.accept_length`,
