@@ -2,7 +2,8 @@
 
 Layout as the paper / HF config: vocab 129280, d_model 7168, 61 layers (the first 3 dense,
 mlp_dim 18432), 128 heads of 128 (+64 RoPE), q_lora_rank 1536, kv_lora_rank 512; 256 routed
-experts of 2048 with top-8 sigmoid routing, 1 shared expert, routed_scaling 2.5,
+experts of 2048 with top-8 sigmoid routing inside each token's best 4 of 8 expert groups
+(n_group 8, topk_group 4), 1 shared expert, routed_scaling 2.5,
 auxiliary-loss-free balancing (bias update 1e-3) plus the sequence-wise balance loss (1e-4).
 
 Parameters (`mtp_jax.model.flops`): 671.03 B total / 37.55 B activated per token for the main
@@ -30,6 +31,7 @@ fsdp=4 x expert=32 x tensor=4 needed 186 GiB of temporaries per device in the ev
 Planned on a 2-core CPU host (see README, "Planning a TPU run"):
     mtp-train --config configs/deepseek_v3.py --workdir /tmp/plan --compile_only \\
         --topology v5p:8x8x8
+(figures measured before model.moe.n_group existed, with plain top-8 routing)
 -> fits: 78.64 GiB per chip of 95 (temporaries 55.34 GiB, parameters 7.66, Adam 15.33), model
 FLOPs 6.120e17 per step, compile 381 s (contended 2-core host, 6.4 GB of RAM). Batch 128 in
 2 microbatches: 85.47 GiB; in 1: 97.27 GiB (short by 2.27).
@@ -66,6 +68,8 @@ def get_config():
     moe.shared_experts = 1
     moe.expert_dim = 2048
     moe.first_dense_layers = 3
+    moe.n_group = 8  # group-limited routing, as the released model (and its HF config.json)
+    moe.topk_group = 4
     moe.routed_scaling = 2.5
     moe.bias_update_rate = 1e-3
     moe.balance_loss_weight = 1e-4

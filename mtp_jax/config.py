@@ -113,7 +113,7 @@ def base_config() -> ConfigDict:
     ms.max_replicated_fraction = 0.1  # fsdp x tensor > 1: most param bytes every device holds
 
     i = c.init = ConfigDict()
-    i.from_hf = ""  # start from a HF safetensors dir (Llama naming; mtp-export); new depths fresh
+    i.from_hf = ""  # start from a HF safetensors dir (Llama / DeepSeek-V3 naming); new depths fresh
     i.from_workdir = ""  # start from another run's newest checkpoint (parameters only)
     return c
 

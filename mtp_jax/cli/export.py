@@ -1,10 +1,11 @@
 """`mtp-export --workdir W [--step N] --out DIR`: a run's checkpoint as a Hugging Face directory.
 
-Writes `config.json` (Llama fields, DeepSeek-V3's `num_nextn_predict_layers` for sequential
-depths, our `mtp_jax` section), `model.safetensors` (or shards past --max-shard-size with
-`model.safetensors.index.json`) and the run's tokenizer files. The naming, the eh_proj column
-order and the h^0 convention are in `mtp_jax/interop/hf.py`. Every parameter is written
-exactly once; the count is printed. `--no-mtp` leaves the MTP depths out (and says how many
+Writes `config.json` (Llama fields for dense GQA models, DeepSeek-V3's for MLA / MoE ones,
+`num_nextn_predict_layers` for sequential depths, our `mtp_jax` section),
+`model.safetensors` (or shards past --max-shard-size with `model.safetensors.index.json`)
+and the run's tokenizer files. The naming, the eh_proj column order, the rope permutation and
+the h^0 convention are in `mtp_jax/interop/hf.py`. Every parameter is written exactly once;
+the count is printed. `--no-mtp` leaves the MTP depths out (and says how many
 tensors); `--engine-copies` adds the per-depth `embed_tokens` / `shared_head.head` copies the
 released DeepSeek-V3 files carry.
 """

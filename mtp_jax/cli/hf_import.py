@@ -1,12 +1,14 @@
 """`mtp-import --hf DIR --out W [--config FILE] [--config.a.b=v ...]`: a Hugging Face
-Llama/Qwen2-style checkpoint (or an `mtp-export` directory) as a workdir W.
+Llama/Qwen2-style or DeepSeek-V3 (MLA + MoE) checkpoint (or an `mtp-export` directory) as a
+workdir W.
 
 W holds a step-0 Orbax checkpoint of the parameters (with a fresh optimizer state) and the
 config, as training writes them: `mtp-generate --workdir W`, `load_params(W)` and
 `init.from_workdir=W` read it. The architecture comes from config.json; every other setting
 from --config (default: the base config) and overrides, including the MTP depths added, freshly
-initialised, when the source has none. A config.json field we cannot represent exactly (rope
-scaling, sliding windows, biases) is an error naming it.
+initialised, when the source has none, and the MoE training settings (bias_update_rate,
+balance_loss_weight, capacity_factor). A config.json field we cannot represent exactly (rope
+scaling, sliding windows, biases, softmax routing) is an error naming it.
 """
 
 from __future__ import annotations

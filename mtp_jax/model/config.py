@@ -42,6 +42,16 @@ class MoEConfig:
     first_dense_layers: int = setting(
         0, "leading trunk layers that keep the dense MLP (DeepSeek-V3: 3)", integer(0)
     )
+    n_group: int = setting(
+        1,
+        "group-limited routing (DeepSeek-V3: 8): experts split into n_group equal groups, each "
+        "token routes inside its topk_group best groups (group score: sum of its top-2 "
+        "affinity + bias); 1 = plain top-k",
+        integer(1),
+    )
+    topk_group: int = setting(
+        1, "groups each token may route to (<= n_group; DeepSeek-V3: 4)", integer(1)
+    )
     routed_scaling: float = setting(
         1.0,
         "factor on the routed experts' output (gates sum to it; DeepSeek-V3: 2.5)",
@@ -219,6 +229,8 @@ class ModelConfig:
                 moe["top_k"],
                 f"at most {prefix}moe.num_experts={moe['num_experts']}",
             )
+        if moe["num_experts"]:
+            _validate_groups(moe, prefix)
         if moe["num_experts"] and moe["first_dense_layers"] >= v["n_layers"]:
             fail(
                 prefix + "moe.first_dense_layers",
@@ -273,3 +285,25 @@ class ModelConfig:
         import jax.numpy as jnp
 
         return jnp.dtype(self.param_dtype)
+
+
+def _validate_groups(moe: dict[str, Any], prefix: str) -> None:
+    """Group-limited routing: n_group divides num_experts into groups of >= 2 (a group's score
+    is the sum of its top two), topk_group <= n_group, and the kept groups hold >= top_k."""
+    e, g, tg = moe["num_experts"], moe["n_group"], moe["topk_group"]
+    if e % g or (g > 1 and e // g < 2):
+        fail(
+            prefix + "moe.n_group",
+            g,
+            f"a divisor of {prefix}moe.num_experts={e} leaving groups of at least 2 experts "
+            "(a group's score is the sum of its two best), or 1",
+        )
+    if tg > g:
+        fail(prefix + "moe.topk_group", tg, f"at most {prefix}moe.n_group={g}")
+    if moe["top_k"] > tg * (e // g):
+        fail(
+            prefix + "moe.top_k",
+            moe["top_k"],
+            f"at most {prefix}moe.topk_group x experts per group = {tg * (e // g)} (the "
+            f"experts of the kept groups)",
+        )

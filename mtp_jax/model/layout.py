@@ -11,7 +11,12 @@ A slot names one parameter of one layer / depth, independently of how it is stor
     heads.{k}.<head>             parallel head k (1-based)
 
 <block> is `attn_norm.scale`, `attn.{query,key,value}` [E, N|K, H], `attn.out` [N, H, E],
-`mlp_norm.scale`, `mlp.{gate,up}.kernel` [E, F], `mlp.down.kernel` [F, E]; <depth> is
+`mlp_norm.scale`, `mlp.{gate,up}.kernel` [E, F], `mlp.down.kernel` [F, E]; with MLA
+(`model.attention='mla'`) `attn.{query [E, N, H+R] | q_down [E, Q], q_norm.scale, q_up
+[Q, N, H+R]}`, `attn.kv_down` [E, C+R], `attn.kv_norm.scale`, `attn.{k_up,v_up}` [C, N, H],
+`attn.out`; a MoE block's FFN is `mlp.router` [E, n], `mlp.router_bias` [n],
+`mlp.{wi_gate,wi_up}` [n, E, F], `mlp.wo` [n, F, E], `mlp.shared.{gate,up,down}.kernel`
+(`layers.{i}` is trunk layer i, in the scanned `dense_layers` stack or `layers`); <depth> is
 `hidden_norm.scale`, `embed_norm.scale`, `proj.kernel` [2E, E] (rows: hidden first, then
 embedding), `block.<block>`, `out_norm.scale`; <head> is `block.<block>`, `out_norm.scale`.
 """
@@ -56,12 +61,18 @@ def slots(cfg: ModelConfig) -> tuple[Slot, ...]:
     """Every parameter slot of the model `cfg`, in a stable order (see the module docstring)."""
     example = jnp.zeros((1, 1 + cfg.mtp_depth), jnp.int32)
     abstract = jax.eval_shape(lambda k: Model(cfg).init(k, example)["params"], jax.random.key(0))
+    # Scanned trunk stacks: `dense_layers` (model.moe.first_dense_layers) then `layers`.
+    first = {"dense_layers": 0, "layers": cfg.moe.first_dense_layers if cfg.moe.enabled else 0}
     out = []
     for path, leaf in _leaves(nn.unbox(abstract)):
         shape, dtype = tuple(leaf.shape), leaf.dtype
-        rest = ".".join(path[3:] if path[:3] == ("trunk", "layers", "block") else path[2:])
-        if path[:3] == ("trunk", "layers", "block"):
-            out += [Slot(f"layers.{i}.{rest}", path, i, shape[1:], dtype) for i in range(shape[0])]
+        stacked = path[0] == "trunk" and path[1] in first and path[2:3] == ("block",)
+        rest = ".".join(path[3:] if stacked else path[2:])
+        if stacked:
+            n0 = first[path[1]]
+            out += [
+                Slot(f"layers.{n0 + i}.{rest}", path, i, shape[1:], dtype) for i in range(shape[0])
+            ]
         elif path[0] == "trunk":  # unscanned: trunk/layers_{i}/...
             i = int(path[1].removeprefix("layers_"))
             out.append(Slot(f"layers.{i}.{rest}", path, None, shape, dtype))

@@ -2,7 +2,9 @@
 dropless (sorted tokens, grouped matmuls) or capacity-limited dispatch, and expert parallelism.
 
 For a token x_t with affinities s_{i,t} = sigmoid(x_t . r_i) to the E routed experts:
-    selected = top-k of s_{i,t} + b_i          (the balance bias b: selection only)
+    selected = top-k of s_{i,t} + b_i          (the balance bias b: selection only; with
+               `model.moe.n_group` > 1, among the experts of the token's `topk_group` best
+               groups, a group scored by the sum of its top-2 s + b: `limit_groups`)
     g_{i,t}  = routed_scaling * s_{i,t} / sum_{j in selected} s_{j,t}   for i in selected
     y_t      = sum_{i in selected} g_{i,t} FFN_i(x_t) + sum_shared FFN_s(x_t)
 b is a parameter the optimizer never touches (its gradient is stopped and weight decay skips
@@ -67,16 +69,43 @@ class ExpertWeights(NamedTuple):
     down: Array
 
 
-def route(logits: Array, bias: Array, top_k: int, scaling: float) -> Routing:
-    """Sigmoid affinities; top-k by affinity + bias; gates normalised over the selected.
+def route(
+    logits: Array,
+    bias: Array,
+    top_k: int,
+    scaling: float,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> Routing:
+    """Sigmoid affinities; top-k by affinity + bias (inside the `topk_group` best of `n_group`
+    expert groups); gates normalised over the selected.
 
     logits [T, E] (float32), bias [E] -> Routing. The bias decides the selection only.
     """
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
-    _, experts = jax.lax.top_k(scores + bias.astype(jnp.float32), top_k)
+    choice = scores + bias.astype(jnp.float32)
+    if n_group > 1 and topk_group < n_group:
+        choice = limit_groups(choice, n_group, topk_group)
+    _, experts = jax.lax.top_k(choice, top_k)
     chosen = jnp.take_along_axis(scores, experts, axis=-1)
     gates = scaling * chosen / jnp.sum(chosen, axis=-1, keepdims=True)
     return Routing(experts.astype(jnp.int32), gates, scores)
+
+
+def limit_groups(choice: Array, n_group: int, topk_group: int) -> Array:
+    """DeepSeek-V3's group-limited selection (`noaux_tc`, as vLLM's `grouped_topk` computes
+    it): the E experts form n_group consecutive groups; a group's score is the sum of its two
+    best affinity + bias values; outside the topk_group best groups, choice is -inf (HF
+    transformers writes 0 there: the same selection unless kept choices fall below 0).
+
+    choice [T, E] (affinity + bias) -> [T, E].
+    """
+    t, e = choice.shape
+    grouped = choice.reshape(t, n_group, e // n_group)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, G]
+    _, kept = jax.lax.top_k(group_scores, topk_group)  # [T, topk_group]
+    keep = jnp.any(kept[..., None] == jnp.arange(n_group), axis=-2)  # [T, G]
+    return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(t, e)
 
 
 def balance_loss(routing: Routing, rows: int, num_experts: int) -> Array:
@@ -220,7 +249,7 @@ def routed_experts(
     logits = jnp.einsum(
         "td,de->te", flat_x, router.astype(flat_x.dtype), preferred_element_type=jnp.float32
     )
-    r = route(logits, bias, m.top_k, m.routed_scaling)
+    r = route(logits, bias, m.top_k, m.routed_scaling, m.n_group, m.topk_group)
     if m.capacity_factor > 0 and not dropless:
         y, dropped = _with_capacity(flat_x, r, w, axes, m.num_experts, capacity(b * s, cfg))
     else:
