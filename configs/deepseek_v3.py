@@ -24,9 +24,10 @@ is a v5p-1024 (8x8x8, 512 chips, 95 GiB each): fsdp=8 x expert=8 x tensor=8. Exp
 weights (MLA, shared experts, the dense layers, embedding, head) over fsdp x tensor (1/64;
 MLA's q_up, k_up and v_up over tensor only, 1/8). tensor=8 also splits MLA's [B, 128/8
 heads, S, S] float32 scores (MLA runs XLA attention, no splash kernel). Global batch 512 x
-4096 (2.1M tokens) in 8 microbatches: 1 sequence per device per microbatch. Eval runs the
-batch whole (in capacity mode, as training; when eval still routed dropless, batch 512 on
-fsdp=4 x expert=32 x tensor=4 needed 186 GiB of temporaries per device in the eval step).
+4096 (2.1M tokens) in 8 microbatches: 1 sequence per device per microbatch. Eval takes the
+batch in the same 8 slices, in capacity mode as training (the figures below were planned when
+eval still ran the batch whole; when it also routed dropless, batch 512 on fsdp=4 x
+expert=32 x tensor=4 needed 186 GiB of temporaries per device in the eval step).
 
 Planned on a 2-core CPU host (see README, "Planning a TPU run"):
     mtp-train --config configs/deepseek_v3.py --workdir /tmp/plan --compile_only \\

@@ -437,3 +437,18 @@ def test_accept_len_matches_measured_greedy_tokens_per_step():
         f"measured tokens/step {measured:.3f}"
     )
     assert abs(simulated - measured) <= 0.1 * measured, (simulated, measured)
+
+
+def test_eval_in_microbatches_adds_up_to_the_whole_batch():
+    """train.microbatches also slices evaluation: the same sums (counts exact, float sums to
+    rounding), the accept walks of every row included."""
+    config = _config("model.mtp_depth=2", "loss.chunk_size=0")
+    model, _, state, batch = _state_and_batch(config)
+    assert batch["tokens"].shape[0] % 2 == 0
+    whole = jax.jit(make_eval_step(config, model))(state.params, batch)
+    config.train.microbatches = 2
+    sliced = jax.jit(make_eval_step(config, model))(state.params, batch)
+    assert whole.keys() == sliced.keys()
+    for key in whole:
+        np.testing.assert_allclose(sliced[key], whole[key], rtol=1e-6, err_msg=key)
+    assert float(whole["accept_walk_count"]) > batch["tokens"].shape[0]  # several steps per row

@@ -17,8 +17,9 @@ v5p/v5e/v6e; libtpu lists v4 chips as two devices, so a v4 device is half a chip
 
 A step that does not fit HBM fails inside the TPU compiler ("Ran out of memory in memory
 space hbm"); the plan catches that and reports the compiler's own usage and shortfall. When
-it is the eval step that runs out (mtp-train compiles both; eval runs the whole batch at
-once), the train step is compiled alone and reported, marked as not fitting.
+it is the eval step that runs out (mtp-train compiles both; eval takes the batch in the same
+`train.microbatches` slices), the train step is compiled alone and reported, marked as not
+fitting.
 
 From the command line:
     mtp-train --config configs/tpu_7b.py --workdir /tmp/plan --compile_only --topology v5p:4x4x4
@@ -411,8 +412,8 @@ def plan(config: Any, topology: str) -> PlanReport:
             eval_oom = True
             compiler_message = "eval step: " + compiler_message
             notes.append(
-                "the sizes above are the train step's; the eval step (the whole "
-                "data.batch_size at once, no microbatches) ran out of HBM, and mtp-train "
+                "the sizes above are the train step's; the eval step (the batch in "
+                "train.microbatches slices, no gradients) ran out of HBM, and mtp-train "
                 "compiles both"
             )
     finally:

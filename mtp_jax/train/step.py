@@ -249,12 +249,17 @@ def make_eval_step(config: Any, model: Model):
     depths, the simulated greedy acceptance length from the same predictions (no extra
     forward pass): `accept_sum` / `accept_count`, the accepted length averaged over every
     position (`loss.accept_length`), and `accept_walk_sum` / `accept_walk_count`, tokens per
-    verify step of a greedy decode replayed on the batch (`loss.accept_walk`)."""
+    verify step of a greedy decode replayed on the batch (`loss.accept_walk`).
+
+    With `train.microbatches` = n > 1 the batch is evaluated in n slices of rows, as training
+    splits it (so evaluation needs no more activation memory than a training step), and the
+    sums are added up; a batch whose rows n does not divide is evaluated whole."""
     depth = config.model.mtp_depth
     chunk = config.loss.chunk_size
     objective = config.loss.mtp_objective
+    n_micro = config.train.microbatches
 
-    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+    def sums_of(params: Any, batch: Batch) -> dict[str, jax.Array]:
         lambdas = jnp.zeros((depth,), jnp.float32)
         _, (sums, pred, mask) = loss_and_metrics(
             model, params, batch, lambdas, chunk, objective=objective
@@ -273,6 +278,19 @@ def make_eval_step(config: Any, model: Model):
             **accept,
             **objective_metrics(sums),
         }
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        rows = {k: batch[k] for k in ("tokens", "segment_ids") if k in batch}
+        if n_micro == 1 or rows["tokens"].shape[0] % n_micro:
+            return sums_of(params, rows)
+        micro = _split_microbatches(rows, n_micro)
+
+        def add(total, one):
+            return jax.tree.map(jnp.add, total, sums_of(params, one)), None
+
+        first = sums_of(params, jax.tree.map(lambda x: x[0], micro))
+        total, _ = jax.lax.scan(add, first, jax.tree.map(lambda x: x[1:], micro))
+        return total
 
     return eval_step
 
