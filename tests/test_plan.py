@@ -197,6 +197,14 @@ def test_moe_plan_hints_mesh_expert_and_counts_activated_parameters(smoke_report
     assert "activated per token" in short.to_text()
     assert "mesh.expert, now 1" in plan_mod.plan_verdict(moe, "moe_smoke.py", short)
     assert "mesh.expert" not in plan_mod.plan_verdict(load_config(SMOKE), "smoke.py", short)
+    # Every device holds a share of the state (fsdp x expert x tensor = all): no "shard the
+    # state" hint; with a data axis, the state is replicated and the hint comes back.
+    n = short.num_devices
+    mesh = {**short.mesh, "data": 1, "fsdp": n // 2, "expert": 2, "tensor": 1}
+    split = dataclasses.replace(short, mesh=mesh)
+    assert "shard the state" not in plan_mod.plan_verdict(moe, "moe_smoke.py", split)
+    copied = dataclasses.replace(split, mesh={**split.mesh, "data": 2, "fsdp": n // 4})
+    assert "shard the state" in plan_mod.plan_verdict(moe, "moe_smoke.py", copied)
     assert "activated" not in smoke_report.to_text()  # dense: one count
 
     # The train step fits, the eval step (whole batch, dropless routing) does not.

@@ -570,7 +570,8 @@ def plan_verdict(config: Any, config_path: str, report: PlanReport) -> str:
 def _remedies(config: Any, report: PlanReport) -> list[str]:
     """What could make the step fit, given what the config already does."""
     out = []
-    if report.mesh["fsdp"] * report.mesh["tensor"] < report.num_devices:
+    sharded = report.mesh["fsdp"] * report.mesh.get("expert", 1) * report.mesh["tensor"]
+    if sharded < report.num_devices:  # mesh.data > 1 replicates the whole state
         out.append("shard the state over more devices (mesh.fsdp=-1 or mesh.tensor)")
     experts, ep = config.model.moe.num_experts, report.mesh.get("expert", 1)
     if experts and any(
