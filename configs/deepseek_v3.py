@@ -25,17 +25,18 @@ weights (MLA, shared experts, the dense layers, embedding, head) over fsdp x ten
 MLA's q_up, k_up and v_up over tensor only, 1/8). tensor=8 also splits MLA's [B, 128/8
 heads, S, S] float32 scores (MLA runs XLA attention, no splash kernel). Global batch 512 x
 4096 (2.1M tokens) in 8 microbatches: 1 sequence per device per microbatch. Eval takes the
-batch in the same 8 slices, in capacity mode as training (the figures below were planned when
-eval still ran the batch whole; when it also routed dropless, batch 512 on fsdp=4 x
-expert=32 x tensor=4 needed 186 GiB of temporaries per device in the eval step).
+batch in the same 8 slices, in capacity mode as training (when eval ran the batch whole and
+routed dropless, batch 512 on fsdp=4 x expert=32 x tensor=4 needed 186 GiB of temporaries per
+device in the eval step).
 
 Planned on a 2-core CPU host (see README, "Planning a TPU run"):
     mtp-train --config configs/deepseek_v3.py --workdir /tmp/plan --compile_only \\
         --topology v5p:8x8x8
-(figures measured before model.moe.n_group existed, with plain top-8 routing)
 -> fits: 78.64 GiB per chip of 95 (temporaries 55.34 GiB, parameters 7.66, Adam 15.33), model
-FLOPs 6.120e17 per step, compile 381 s (contended 2-core host, 6.4 GB of RAM). Batch 128 in
-2 microbatches: 85.47 GiB; in 1: 97.27 GiB (short by 2.27).
+FLOPs 6.120e17 per step, compile 182 s (0.5.0: group-limited routing, eval in 8 slices; 2-core
+host shared with a test run, 6.4 GB of RAM; the same memory as plain top-8 routing with eval
+whole, which compiled in 381 s under more load). Batch 128 in 2 microbatches (planned before
+0.5.0): 85.47 GiB; in 1: 97.27 GiB (short by 2.27).
 """
 
 from mtp_jax.config import base_config

@@ -30,7 +30,7 @@ from mtp_jax.checks import (
     string,
     weights,
 )
-from mtp_jax.model.config import ModelConfig, MoEConfig
+from mtp_jax.model.config import ModelConfig, MoEConfig, RopeScalingConfig
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -278,8 +278,16 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> None:
 
 RULES: dict[str, Check] = {
     "seed": integer(0),
-    **{f"model.{n}": f.metadata["check"] for n, f in ModelConfig.declared().items() if n != "moe"},
+    **{
+        f"model.{n}": f.metadata["check"]
+        for n, f in ModelConfig.declared().items()
+        if n not in ("moe", "rope_scaling")
+    },
     **{f"model.moe.{n}": f.metadata["check"] for n, f in MoEConfig.declared().items()},
+    **{
+        f"model.rope_scaling.{n}": f.metadata["check"]
+        for n, f in RopeScalingConfig.declared().items()
+    },
     "loss.mtp_lambda": number(0),
     "loss.mtp_lambda_per_depth": weights(),
     "loss.mtp_lambda_final": number(),

@@ -105,7 +105,7 @@ def test_every_base_key_has_a_comment_and_a_rule():
 
     from mtp_jax.config import RULES, all_keys
     from mtp_jax.model import ModelConfig
-    from mtp_jax.model.config import MoEConfig
+    from mtp_jax.model.config import MoEConfig, RopeScalingConfig
 
     source = inspect.getsource(base_config)
     declared = ModelConfig.declared()
@@ -115,8 +115,9 @@ def test_every_base_key_has_a_comment_and_a_rule():
         if section == "model":  # declared once, in ModelConfig, with a meaning and a check
             assert declared[leaf].metadata["doc"] and RULES[key] is declared[leaf].metadata["check"]
             continue
-        if section == "model.moe":  # declared once, in MoEConfig
-            f = MoEConfig.declared()[leaf]
+        if section in ("model.moe", "model.rope_scaling"):  # declared once, in their classes
+            f = {"model.moe": MoEConfig, "model.rope_scaling": RopeScalingConfig}[section]
+            f = f.declared()[leaf]
             assert f.metadata["doc"] and RULES[key] is f.metadata["check"]
             continue
         lines = re.findall(rf"^\s+\w+\.{leaf} = (?!ConfigDict).*$", source, re.M)

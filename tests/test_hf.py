@@ -124,7 +124,7 @@ def test_import_is_strict(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
+        ("rope_scaling", {"rope_type": "longrope", "factor": 8.0}),
         ("use_sliding_window", True),
         ("sliding_window", 4096),
         ("attention_bias", True),
@@ -158,14 +158,67 @@ def _rms(x, w, eps):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
 
 
-def _rope(x, theta):
-    """HF Llama: inv_freq = 1 / theta^(arange(0, d, 2) / d), emb = cat(freqs, freqs),
-    x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1). x [T, heads, d]."""
+def hf_rope_parameters(c: dict, dim: int) -> tuple[np.ndarray, float]:
+    """(inv_freq [dim/2], attention_factor) of config.json `c` for a rotated width `dim`:
+    transformers' `modeling_rope_utils` transcribed (default, `_compute_llama3_parameters`,
+    `_compute_yarn_parameters` with its `truncate` default and mscale ratio)."""
+    base = c["rope_theta"]
+    inv = 1.0 / base ** (np.arange(0, dim, 2) / dim)
+    rs = c.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    factor = rs["factor"]
+    if kind == "llama3":
+        old = rs["original_max_position_embeddings"]
+        low_wl, high_wl = old / rs["low_freq_factor"], old / rs["high_freq_factor"]
+        wavelen = 2 * np.pi / inv
+        inv_llama = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - rs["low_freq_factor"]) / (
+            rs["high_freq_factor"] - rs["low_freq_factor"]
+        )
+        smoothed = (1 - smooth) * inv_llama / factor + smooth * inv_llama
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, inv_llama), 1.0
+    assert kind == "yarn", kind
+    orig = rs.get("original_max_position_embeddings", c.get("max_position_embeddings"))
+
+    def get_mscale(scale, mscale=1):
+        return 1.0 if scale <= 1 else 0.1 * mscale * np.log(scale) + 1.0
+
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rot):
+        return dim * np.log(orig / (rot * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv = inv / factor * (1 - extrapolation) + inv * extrapolation
+    return inv, attention_factor
+
+
+def _rope(x, c):
+    """HF Llama: inv_freq (`hf_rope_parameters`), emb = cat(freqs, freqs),
+    (x * cos + rotate_half(x) * sin) * attention_factor with rotate_half(x) = cat(-x2, x1).
+    x [T, heads, d]."""
     d = x.shape[-1]
-    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    inv, attention_factor = hf_rope_parameters(c, d)
     emb = np.concatenate([np.arange(len(x))[:, None] * inv] * 2, -1)[:, None]
     rotated = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
-    return x * np.cos(emb) + rotated * np.sin(emb)
+    return (x * np.cos(emb) + rotated * np.sin(emb)) * attention_factor
 
 
 def _decoder_layer(x, t, p, c):
@@ -176,9 +229,9 @@ def _decoder_layer(x, t, p, c):
     q = (h @ t[p + "self_attn.q_proj.weight"].T).reshape(len(x), nh, d)
     k = (h @ t[p + "self_attn.k_proj.weight"].T).reshape(len(x), nkv, d)
     v = (h @ t[p + "self_attn.v_proj.weight"].T).reshape(len(x), nkv, d)
-    q, k = _rope(q, c["rope_theta"]), _rope(k, c["rope_theta"])
+    q, k = _rope(q, c), _rope(k, c)
     k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)  # repeat_kv
-    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)  # LlamaAttention: no yarn mscale
     scores = np.where(np.tril(np.ones((len(x), len(x)), bool)), scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -350,7 +403,7 @@ def test_cli_import_rejects_unsupported_field(imported, tmp_path, capsys):
     hf_cfg, tensors = read_hf(root / "src")
     bad.mkdir()
     safetensors_io.save(tensors, str(bad), 10**9)
-    (bad / "config.json").write_text(json.dumps({**hf_cfg, "rope_scaling": {"type": "yarn"}}))
+    (bad / "config.json").write_text(json.dumps({**hf_cfg, "rope_scaling": {"type": "dynamic"}}))
     assert import_main(["--hf", str(bad), "--out", str(tmp_path / "w")]) == 2
     assert "'rope_scaling'" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CONFIGS
-from test_hf import read_hf, tree_equal, write_hf
+from test_hf import hf_rope_parameters, read_hf, tree_equal, write_hf
 
 import mtp_jax
 from mtp_jax.checks import ConfigError
@@ -122,13 +122,15 @@ def _rms(x, w, eps):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
 
 
-def _rope(x, theta, interleaved=True):
-    """x [T, heads, d] at positions 0..T-1, frequencies theta^(-2j/d). Interleaved: vLLM's
+def _rope(x, c, interleaved=True):
+    """x [T, heads, d] at positions 0..T-1, frequencies and cos/sin factor of config.json `c`
+    (`hf_rope_parameters`: theta^(-2j/d) unscaled). Interleaved: vLLM's
     `get_rope(..., is_neox_style=False)` for DeepSeek (GPT-J pairs (2j, 2j+1)); else HF's
     rotate_half on the two halves (what un-permuted weights would need)."""
     d = x.shape[-1]
-    angle = np.arange(len(x))[:, None, None] * theta ** (-np.arange(0, d, 2) / d)  # [T, 1, d/2]
-    cos, sin = np.cos(angle), np.sin(angle)
+    inv, attention_factor = hf_rope_parameters(c, d)
+    angle = np.arange(len(x))[:, None, None] * inv  # [T, 1, d/2]
+    cos, sin = np.cos(angle) * attention_factor, np.sin(angle) * attention_factor
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = np.empty_like(x)
@@ -138,11 +140,23 @@ def _rope(x, theta, interleaved=True):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
+def _softmax_scale(c, softmax_mscale=True):
+    """DeepseekV3Attention.scaling: qk_head_dim^-0.5, times yarn_get_mscale(factor,
+    mscale_all_dim)^2 when rope_scaling has a non-zero mscale_all_dim."""
+    scale = (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]) ** -0.5
+    rs = c.get("rope_scaling") or {}
+    if softmax_mscale and rs.get("mscale_all_dim"):
+        factor = rs["factor"]
+        mscale = 1.0 if factor <= 1 else 0.1 * rs["mscale_all_dim"] * np.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
 def _silu(x):
     return x / (1 + np.exp(-x))
 
 
-def _mla(h, t, p, c, interleaved=True):
+def _mla(h, t, p, c, interleaved=True, softmax_mscale=True):
     """DeepseekV3Attention on normed h [T, E] (prefix p; causal, no cache)."""
     n, dn, dr, dv = (
         c[k] for k in ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -158,10 +172,12 @@ def _mla(h, t, p, c, interleaved=True):
     ckv = h @ t[a + "kv_a_proj_with_mqa.weight"].T  # [T, C + R]
     kv = _rms(ckv[:, :lat], t[a + "kv_a_layernorm.weight"], eps) @ t[a + "kv_b_proj.weight"].T
     kv = kv.reshape(len(h), n, dn + dv)
-    q_pe = _rope(q[..., dn:], c["rope_theta"], interleaved)
-    k_pe = _rope(ckv[:, None, lat:], c["rope_theta"], interleaved)  # one rope key for all heads
+    q_pe = _rope(q[..., dn:], c, interleaved)
+    k_pe = _rope(ckv[:, None, lat:], c, interleaved)  # one rope key for all heads
     scores = np.einsum("qhd,khd->hqk", q[..., :dn], kv[..., :dn])
-    scores = (scores + np.einsum("qhd,kd->hqk", q_pe, k_pe[:, 0])) / np.sqrt(dn + dr)
+    scores = (scores + np.einsum("qhd,kd->hqk", q_pe, k_pe[:, 0])) * _softmax_scale(
+        c, softmax_mscale
+    )
     scores = np.where(np.tril(np.ones((len(h), len(h)), bool)), scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -208,8 +224,8 @@ def _moe(h, t, p, c, groups=True, biased_gates=False):
 def _layer(x, t, i, c, **conv):
     """DeepseekV3DecoderLayer i (MoE from first_k_dense_replace on) on x [T, E]."""
     p, eps = f"model.layers.{i}.", c["rms_norm_eps"]
-    rope = {k: v for k, v in conv.items() if k == "interleaved"}
-    routing = {k: v for k, v in conv.items() if k != "interleaved"}
+    rope = {k: v for k, v in conv.items() if k in ("interleaved", "softmax_mscale")}
+    routing = {k: v for k, v in conv.items() if k not in rope}
     x = x + _mla(_rms(x, t[p + "input_layernorm.weight"], eps), t, p, c, **rope)
     h = _rms(x, t[p + "post_attention_layernorm.weight"], eps)
     if i >= c["first_k_dense_replace"]:
@@ -380,7 +396,8 @@ def test_real_v3_config_imports_as_our_deepseek_v3():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("rope_scaling", {"type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0}),
+        ("rope_scaling", {"type": "longrope", "factor": 40, "short_factor": [1.0]}),
+        ("rope_scaling", {"type": "yarn", "factor": 40, "mscale": 1.0, "long_factor": [1.0]}),
         ("scoring_func", "softmax"),
         ("topk_method", "greedy"),
         ("norm_topk_prob", False),

@@ -73,6 +73,20 @@ frequencies theta^(-2j/R). Our rope row j is their row 2j and our row R/2 + j th
 2j + 1: export interleaves the rope rows of q_proj / q_b_proj (per head) and of
 kv_a_proj_with_mqa, import undoes it. Scores are scaled by 1/sqrt(H + R) on both sides.
 
+RoPE scaling (`model.rope_scaling.*` <-> config.json `rope_scaling`, or transformers 5's
+`rope_parameters`): rope_type 'llama3' (Llama 3.1/3.2) and 'yarn' (DeepSeek-V3: factor 40,
+beta_fast 32, beta_slow 1, mscale = mscale_all_dim = 1, original 4096); frequencies from the
+rotated width (head_dim, or qk_rope_head_dim for MLA) as transformers'
+`modeling_rope_utils._compute_llama3_parameters` / `_compute_yarn_parameters` (truncate
+default, the `attention_factor` mscale ratio on cos/sin) compute them
+(`mtp_jax.model.layers.rope_inv_freq`). The softmax scale differs by architecture, as there:
+`DeepseekV3Attention` (and vLLM's `DeepseekV2Attention`) multiply 1/sqrt(H + R) by
+mscale(factor, mscale_all_dim)^2 when mscale_all_dim is set (our MLA does:
+`mla.softmax_scale`); `LlamaAttention` keeps 1/sqrt(H) under yarn (our GQA does). Other
+rope_types (linear, dynamic, longrope, ...) and unknown fields in the dict are refused, naming
+them. Yarn exports write max_position_embeddings = original x factor (older transformers derive
+yarn's factor from the two).
+
 DeepSeek-V3 MTP layers are full decoder layers, MoE from `first_k_dense_replace` on, so
 `model.moe.dense_mtp=True` has no equivalent there (refused on export; imports set it False).
 Routing is V3's `noaux_tc` (config.json `scoring_func: sigmoid`, `topk_method: noaux_tc`,
@@ -95,7 +109,7 @@ import numpy as np
 
 from mtp_jax.checks import ConfigError
 from mtp_jax.model import layout
-from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.config import ModelConfig, RopeScalingConfig
 
 ARCH = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
 DEEPSEEK_ARCH = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
@@ -357,11 +371,11 @@ def hf_config(cfg: ModelConfig, *, include_mtp: bool = True, max_positions: int 
             "hidden_act": "silu",
             "rms_norm_eps": cfg.norm_eps,
             "rope_theta": cfg.rope_theta,
-            "rope_scaling": None,
+            "rope_scaling": _rope_scaling_json(cfg),
             "attention_bias": False,
             "mlp_bias": False,
             "tie_word_embeddings": cfg.tie_embeddings,
-            "max_position_embeddings": max_positions,
+            "max_position_embeddings": _max_positions(cfg, max_positions),
             "torch_dtype": cfg.param_dtype,
         }
     if n_depth:
@@ -408,14 +422,43 @@ def _deepseek_fields(cfg: ModelConfig, n_depth: int, max_positions: int) -> dict
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": _rope_scaling_json(cfg),
         "rope_interleave": True,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": max_positions,
+        "max_position_embeddings": _max_positions(cfg, max_positions),
         "torch_dtype": cfg.param_dtype,
     }
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
+_YARN_OPTIONAL = ("mscale", "mscale_all_dim", "attention_factor")  # 0 = unset, left out
+
+
+def _rope_scaling_json(cfg: ModelConfig) -> dict | None:
+    """config.json's `rope_scaling` for model.rope_scaling (None for type 'none')."""
+    r = cfg.rope_scaling
+    if not r.enabled:
+        return None
+    keys = _LLAMA3_KEYS if r.type == "llama3" else _YARN_KEYS
+    out = {"rope_type": r.type, **{k: getattr(r, k) for k in keys}}
+    if r.type == "yarn":
+        out |= {k: getattr(r, k) for k in _YARN_OPTIONAL if getattr(r, k)}
+        if not r.truncate:
+            out["truncate"] = False
+    return out
+
+
+def _max_positions(cfg: ModelConfig, max_positions: int) -> int:
+    """max_position_embeddings: yarn's is original x factor (older transformers derive yarn's
+    factor from it when `original_max_position_embeddings` is given); llama3's at least that."""
+    r = cfg.rope_scaling
+    extended = round(r.original_max_position_embeddings * r.factor)
+    if r.type == "yarn":
+        return extended
+    return max(max_positions, extended) if r.type == "llama3" else max_positions
 
 
 # ------------------------------------------------------------------------------ import
@@ -471,7 +514,8 @@ def _unsupported(field: str, value: Any, why: str) -> InteropError:
 
 def check_hf_config(hf: dict) -> None:
     """Raises InteropError naming the first field whose value we cannot represent exactly
-    (rope scaling, sliding windows, biases, other activations or routings) or do not know."""
+    (rope scaling other than llama3 / yarn, sliding windows, biases, other activations or
+    routings) or do not know."""
     mt = hf.get("model_type", "llama")
     if mt not in _MODEL_TYPES:
         raise _unsupported(
@@ -485,18 +529,7 @@ def check_hf_config(hf: dict) -> None:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise _unsupported("hidden_act", act, "our MLP is SwiGLU (silu)")
-    for field in ("rope_scaling", "rope_parameters"):
-        rs = hf.get(field)
-        if rs is not None:
-            kind = rs.get("rope_type", rs.get("type", "default")) if isinstance(rs, dict) else rs
-            extra = set(rs) - {"rope_type", "type", "rope_theta"} if isinstance(rs, dict) else {}
-            if kind != "default" or extra:
-                yarn = (
-                    "; DeepSeek's YaRN (with its softmax mscale) is not ours"
-                    if mt == "deepseek_v3"
-                    else ""
-                )
-                raise _unsupported(field, rs, "only plain RoPE (rope_type 'default')" + yarn)
+    _rope_scaling_values(hf)
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
             raise _unsupported(field, hf[field], "our projections have no biases")
@@ -522,6 +555,74 @@ def check_hf_config(hf: dict) -> None:
     for field, value in hf.items():
         if field not in known:
             raise _unsupported(field, value, "mtp_jax does not know this field")
+
+
+def _rope_scaling_values(hf: dict) -> dict[str, Any]:
+    """model.rope_scaling values from config.json's `rope_scaling` (or transformers 5's
+    `rope_parameters`, which also carries rope_theta): `rope_type` (or the older `type`)
+    default / llama3 / yarn, with their fields as transformers reads them (yarn: beta_fast /
+    beta_slow null or 0 = 32 / 1, mscale / mscale_all_dim / attention_factor null = unset,
+    original_max_position_embeddings absent = max_position_embeddings). Another rope_type, or
+    a field of none of these, is an InteropError naming it."""
+    found: dict[str, dict[str, Any]] = {}
+    for field in ("rope_scaling", "rope_parameters"):
+        rs = hf.get(field)
+        if rs is None:
+            continue
+        if not isinstance(rs, dict):
+            raise _unsupported(field, rs, "a dict with rope_type 'default', 'llama3' or 'yarn'")
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        entries = {k: v for k, v in rs.items() if k not in ("rope_type", "type", "rope_theta")}
+        allowed = {
+            "default": (),
+            "llama3": _LLAMA3_KEYS,
+            "yarn": _YARN_KEYS + _YARN_OPTIONAL + ("truncate",),
+        }
+        if kind not in allowed:
+            raise _unsupported(
+                field, rs, f"rope_type {kind!r}: only 'default', 'llama3' and 'yarn' are ours"
+            )
+        for name, value in entries.items():
+            if name not in allowed[kind]:
+                raise InteropError(
+                    f"config.json field {field!r} has {name!r} = {value!r}, not supported with "
+                    f"rope_type {kind!r} (accepted: {', '.join(allowed[kind]) or 'none'})"
+                )
+        if kind == "default":
+            continue
+        if kind == "llama3":
+            missing = [k for k in _LLAMA3_KEYS if entries.get(k) is None]
+        else:
+            missing = [k for k in ("factor",) if entries.get(k) is None]
+            if entries.get("original_max_position_embeddings") is None:
+                if hf.get("max_position_embeddings") is None:
+                    missing.append("original_max_position_embeddings")
+                entries["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+        if missing:
+            raise InteropError(f"config.json field {field!r} lacks {missing[0]!r} ({kind})")
+        values: dict[str, Any] = {"type": kind}
+        for name, value in entries.items():
+            if name == "truncate":
+                values[name] = bool(value)
+            elif name == "original_max_position_embeddings":
+                values[name] = value
+            elif value is not None:
+                values[name] = float(value)
+        if kind == "yarn":
+            values["beta_fast"] = values.get("beta_fast") or 32.0
+            values["beta_slow"] = values.get("beta_slow") or 1.0
+        found[field] = values
+    if len(found) == 2 and found["rope_scaling"] != found["rope_parameters"]:
+        raise _unsupported(
+            "rope_parameters", hf["rope_parameters"], "it disagrees with rope_scaling"
+        )
+    values = next(iter(found.values()), {})
+    if values:
+        try:
+            ModelConfig.validate({"rope_scaling": values})
+        except ConfigError as e:
+            raise InteropError(f"config.json field 'rope_scaling' is invalid: {e}") from e
+    return values
 
 
 def _check_deepseek(hf: dict) -> None:
@@ -583,6 +684,7 @@ def model_config_from_hf(hf: dict, base: ModelConfig | None = None) -> ModelConf
         "rope_theta": float(theta),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "rope_scaling": dataclasses.asdict(RopeScalingConfig()) | _rope_scaling_values(hf),
     }
     if hf.get("model_type") == "deepseek_v3":
         values |= _deepseek_values(_DEEPSEEK_DEFAULTS | hf, base)
@@ -731,6 +833,11 @@ def check_matches(cfg: ModelConfig, src: ModelConfig, what: str, with_mtp: bool)
         ]  # fmt: skip
         moe_keys += ["dense_mtp"] if with_mtp else []
     pairs = [(f"model.{k}", getattr(cfg, k), getattr(src, k)) for k in keys]
+    if cfg.rope_scaling.enabled or src.rope_scaling.enabled:
+        pairs += [
+            (f"model.rope_scaling.{k}", getattr(cfg.rope_scaling, k), getattr(src.rope_scaling, k))
+            for k in RopeScalingConfig.declared()
+        ]
     pairs += [(f"model.moe.{k}", getattr(cfg.moe, k), getattr(src.moe, k)) for k in moe_keys]
     for key, ours, theirs in pairs:
         if ours != theirs:

@@ -18,6 +18,7 @@ MTP_LAYOUTS = ("sequential", "parallel")
 MTP_CHAIN_INPUTS = ("trunk", "normed")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 ATTENTIONS = ("mha", "mla")
+ROPE_TYPES = ("none", "llama3", "yarn")
 
 
 def setting(default: Any, doc: str, check: Check) -> Any:
@@ -25,8 +26,24 @@ def setting(default: Any, doc: str, check: Check) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
 
 
+class _Section:
+    """A nested config section (`model.<name>.*`): its declared keys, built from a dict or a
+    ConfigDict (unknown keys ignored: an older checkpoint's config still loads)."""
+
+    @classmethod
+    def declared(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_any(cls, value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        values = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+        return cls(**{k: v for k, v in values.items() if k in cls.declared()})
+
+
 @dataclasses.dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(_Section):
     """DeepSeekMoE feed-forward settings (the `model.moe.*` keys); num_experts=0 = dense MLP."""
 
     num_experts: int = setting(
@@ -76,24 +93,73 @@ class MoEConfig:
         False, "MTP depths use the dense MLP (default: the trunk's block type)", boolean()
     )
 
-    @classmethod
-    def declared(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_any(cls, value: Any) -> MoEConfig:
-        if isinstance(value, cls):
-            return value
-        values = value.to_dict() if hasattr(value, "to_dict") else dict(value)
-        return cls(**{k: v for k, v in values.items() if k in cls.declared()})
-
     @property
     def enabled(self) -> bool:
         return self.num_experts > 0
 
 
-def _is_moe(v: Any) -> bool:
-    return isinstance(v, MoEConfig | dict) or hasattr(v, "to_dict")
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig(_Section):
+    """RoPE frequency scaling (the `model.rope_scaling.*` keys, config.json's `rope_scaling`);
+    type 'none' = plain RoPE. Formulas: `mtp_jax.model.layers.rope_inv_freq`."""
+
+    type: str = setting(
+        "none",
+        "'none' (plain theta^(-2j/d)), 'llama3' (Llama 3.1 wavelength bands) or 'yarn' (YaRN "
+        "ramp, cos/sin times the attention factor; with attention='mla' also DeepSeek's "
+        "softmax scale x mscale(factor, mscale_all_dim)^2)",
+        choice(ROPE_TYPES),
+    )
+    factor: float = setting(
+        1.0, "context extension factor s (Llama 3.1: 8, DeepSeek-V3: 40)", number(1)
+    )
+    original_max_position_embeddings: int = setting(
+        4096, "pre-extension context length (Llama 3.1: 8192, DeepSeek-V3: 4096)", integer(1)
+    )
+    low_freq_factor: float = setting(
+        1.0,
+        "llama3: wavelengths > original/low_freq_factor are divided by factor",
+        number(0, open_lo=True),
+    )
+    high_freq_factor: float = setting(
+        4.0,
+        "llama3: wavelengths < original/high_freq_factor are kept (> low_freq_factor); between "
+        "the two, a smooth blend",
+        number(0, open_lo=True),
+    )
+    beta_fast: float = setting(
+        32.0,
+        "yarn: rotations at which the ramp starts (pure extrapolation above)",
+        number(0, open_lo=True),
+    )
+    beta_slow: float = setting(
+        1.0,
+        "yarn: rotations at which the ramp ends (pure interpolation below)",
+        number(0, open_lo=True),
+    )
+    mscale: float = setting(
+        0.0,
+        "yarn: with mscale_all_dim (both > 0) the attention factor is "
+        "mscale(s, mscale) / mscale(s, mscale_all_dim); 0 = unset (factor 0.1 ln s + 1)",
+        number(0),
+    )
+    mscale_all_dim: float = setting(
+        0.0, "yarn: see mscale; with attention='mla' also scales the softmax; 0 = unset", number(0)
+    )
+    attention_factor: float = setting(
+        0.0, "yarn: explicit cos/sin factor, overriding the mscale rule; 0 = derived", number(0)
+    )
+    truncate: bool = setting(
+        True, "yarn: floor/ceil the correction range bounds (HF's default)", boolean()
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+
+def _is_section(v: Any) -> bool:
+    return isinstance(v, MoEConfig | RopeScalingConfig | dict) or hasattr(v, "to_dict")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +244,13 @@ class ModelConfig:
     qk_rope_head_dim: int = setting(
         16, "mla: width of the decoupled RoPE part of queries and the shared RoPE key", integer(2)
     )
+    rope_scaling: RopeScalingConfig = setting(
+        RopeScalingConfig(),
+        "RoPE frequency scaling: the model.rope_scaling.* keys",
+        (_is_section, "model.rope_scaling.*"),
+    )
     moe: MoEConfig = setting(
-        MoEConfig(), "DeepSeekMoE feed-forward: the model.moe.* keys", (_is_moe, "model.moe.*")
+        MoEConfig(), "DeepSeekMoE feed-forward: the model.moe.* keys", (_is_section, "model.moe.*")
     )
 
     @classmethod
@@ -192,6 +263,8 @@ class ModelConfig:
         values = {k: v for k, v in values.items() if k in names}
         if "moe" in values:
             values["moe"] = MoEConfig.from_any(values["moe"])
+        if "rope_scaling" in values:
+            values["rope_scaling"] = RopeScalingConfig.from_any(values["rope_scaling"])
         return cls(**values)
 
     @classmethod
@@ -201,9 +274,11 @@ class ModelConfig:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """name -> default; `moe` as a dict (the nested `model.moe.*` keys)."""
+        """name -> default; `moe` and `rope_scaling` as dicts (the nested `model.moe.*` and
+        `model.rope_scaling.*` keys)."""
         out = {name: f.default for name, f in cls.declared().items()}
         out["moe"] = dataclasses.asdict(out["moe"])
+        out["rope_scaling"] = dataclasses.asdict(out["rope_scaling"])
         return out
 
     @classmethod
@@ -213,14 +288,11 @@ class ModelConfig:
             ok, accepted = f.metadata["check"]
             if name in values and not ok(values[name]):
                 fail(prefix + name, values[name], accepted)
-        moe_values = values.get("moe") or {}
-        if isinstance(moe_values, MoEConfig):
-            moe_values = dataclasses.asdict(moe_values)
-        moe_values = moe_values.to_dict() if hasattr(moe_values, "to_dict") else moe_values
-        for name, f in MoEConfig.declared().items():
-            ok, accepted = f.metadata["check"]
-            if name in moe_values and not ok(moe_values[name]):
-                fail(prefix + "moe." + name, moe_values[name], accepted)
+        moe_values = _section_values(values.get("moe"), MoEConfig, prefix + "moe.")
+        rope = _section_values(
+            values.get("rope_scaling"), RopeScalingConfig, prefix + "rope_scaling."
+        )
+        _validate_rope_scaling({**cls.defaults()["rope_scaling"], **rope}, prefix)
         v = {**cls.defaults(), **values}
         moe = {**cls.defaults()["moe"], **moe_values}
         if moe["num_experts"] and moe["top_k"] > moe["num_experts"]:
@@ -285,6 +357,33 @@ class ModelConfig:
         import jax.numpy as jnp
 
         return jnp.dtype(self.param_dtype)
+
+
+def _section_values(section: Any, cls: type, prefix: str) -> dict[str, Any]:
+    """A nested section (dataclass, ConfigDict or dict) as a dict, each value checked."""
+    section = section or {}
+    if dataclasses.is_dataclass(section):
+        section = dataclasses.asdict(section)
+    section = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    for name, f in cls.declared().items():
+        ok, accepted = f.metadata["check"]
+        if name in section and not ok(section[name]):
+            fail(prefix + name, section[name], accepted)
+    return section
+
+
+def _validate_rope_scaling(r: dict[str, Any], prefix: str) -> None:
+    """Relations inside model.rope_scaling: llama3's band needs high > low freq factor, yarn's
+    ramp beta_fast >= beta_slow (Kimi-K2 ships 1 and 1)."""
+    key = prefix + "rope_scaling."
+    if r["type"] == "llama3" and r["high_freq_factor"] <= r["low_freq_factor"]:
+        fail(
+            key + "high_freq_factor",
+            r["high_freq_factor"],
+            f"more than {key}low_freq_factor={r['low_freq_factor']} (llama3's smooth band)",
+        )
+    if r["type"] == "yarn" and r["beta_fast"] < r["beta_slow"]:
+        fail(key + "beta_fast", r["beta_fast"], f"at least {key}beta_slow={r['beta_slow']}")
 
 
 def _validate_groups(moe: dict[str, Any], prefix: str) -> None:

@@ -12,14 +12,16 @@ back (after rejected speculative drafts) is just decoding again from an earlier 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax import xla_cpu
-from mtp_jax.model.config import ModelConfig
+from mtp_jax.model.config import ModelConfig, RopeScalingConfig
 from mtp_jax.model.splash import splash_attention
 from mtp_jax.model.splash import supports as splash_supports
 
@@ -101,12 +103,81 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding. x [B, T, N, H], positions [B, T] -> [B, T, N, H]."""
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 mscale ln(scale) + 1 (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScalingConfig) -> np.ndarray:
+    """Inverse frequencies [dim/2] (float64) of a rotated width `dim` (head_dim for GQA,
+    qk_rope_head_dim for MLA), as transformers' `modeling_rope_utils` computes them:
+
+    - none: theta^(-2j/dim).
+    - llama3 (`_compute_llama3_parameters`): with wavelength w = 2 pi / f and L the original
+      context, w > L / low_freq_factor -> f / factor; w < L / high_freq_factor -> f; between,
+      (1 - a) f / factor + a f with a = (L / w - low_freq_factor) / (high - low freq factor).
+    - yarn (`_compute_yarn_parameters`): correction dims d(b) = dim ln(L / (2 pi b)) /
+      (2 ln theta) for b = beta_fast (low) and beta_slow (high), floored / ceiled when
+      `truncate`, clipped to [0, dim - 1]; ramp r_j = clip((j - low) / (high - low), 0, 1)
+      (high += 0.001 when equal); f = f_plain / factor * r + f_plain * (1 - r).
+    """
+    f = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    s = scaling
+    if s.type == "llama3":
+        L = s.original_max_position_embeddings
+        wavelen = 2 * math.pi / f
+        out = np.where(wavelen > L / s.low_freq_factor, f / s.factor, f)
+        smooth = (L / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        medium = (wavelen >= L / s.high_freq_factor) & (wavelen <= L / s.low_freq_factor)
+        return np.where(medium, (1 - smooth) * out / s.factor + smooth * out, out)
+    if s.type == "yarn":
+        L = s.original_max_position_embeddings
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+        if s.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        return f / s.factor * ramp + f * (1 - ramp)
+    return f
+
+
+def rope_attention_factor(scaling: RopeScalingConfig) -> float:
+    """The factor on cos and sin (transformers' `attention_factor` / vLLM's `mscale`): 1 but
+    for yarn, where it is `attention_factor` if set, else mscale(s, mscale) /
+    mscale(s, mscale_all_dim) when both are set (DeepSeek-V3: 1.0), else mscale(s)."""
+    s = scaling
+    if s.type != "yarn":
+        return 1.0
+    if s.attention_factor:
+        return float(s.attention_factor)
+    if s.mscale and s.mscale_all_dim:
+        return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return yarn_mscale(s.factor)
+
+
+def rope(
+    x: Array, positions: Array, theta: float, scaling: RopeScalingConfig | None = None
+) -> Array:
+    """Rotary position embedding (rotate-half form). x [B, T, N, H], positions [B, T] ->
+    [B, T, N, H]. `scaling` (model.rope_scaling) changes the frequencies and multiplies cos
+    and sin by `rope_attention_factor`; None or type 'none' is plain RoPE."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    if scaling is None or not scaling.enabled:
+        freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+        mag = None
+    else:
+        freqs = jnp.asarray(rope_inv_freq(2 * half, theta, scaling), jnp.float32)
+        mag = rope_attention_factor(scaling)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    if mag is not None and mag != 1.0:
+        sin, cos = sin * mag, cos * mag
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -146,8 +217,9 @@ class Attention(nn.Module):
         q = proj("query", (e, n, h), ("embed", "heads", "kv"), x)
         k = proj("key", (e, nk, h), ("embed", "kv_heads", "kv"), x)
         v = proj("value", (e, nk, h), ("embed", "kv_heads", "kv"), x)
-        q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
+        # transformers' LlamaAttention keeps 1/sqrt(H) whatever the rope scaling.
+        q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
         if cache is None:
             is_causal = segment_ids is None

@@ -10,6 +10,8 @@ c, k_r = split(x @ W_dkv [E, C+R])      c -> kv_norm (the latent), k_r -> rope (
 k_nope = c @ W_uk [C, N, H]             v = c @ W_uv [C, N, H]
 scores = (q_nope . k_nope + rope(q_r) . k_r) / sqrt(H + R);  out = softmax(scores) v @ W_o
 ```
+(`model.rope_scaling` yarn with mscale_all_dim also multiplies the 1/sqrt(H + R) by
+mscale^2, as DeepSeek's attention does: `softmax_scale`.)
 Training runs this form. Decoding keeps only `LatentCache(latent [B, L, C], rope_key [B, L, R])`
 (C + R values per token and layer instead of 2 K H) and runs the weight-absorbed form:
 q_lat = q_nope @ W_uk^T [B, T, N, C], scores = q_lat . latent + q_r . rope_key, out =
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.model.config import ModelConfig
-from mtp_jax.model.layers import RMSNorm, _init, _write_cache, dense, rope
+from mtp_jax.model.layers import RMSNorm, _init, _write_cache, dense, rope, yarn_mscale
 
 Array = jax.Array
 
@@ -84,14 +86,15 @@ class MLAttention(nn.Module):
             q = dense(cq, weight("q_up", (ql, n, h + r), ("q_lora", "heads", "kv")))
         else:
             q = dense(x, weight("query", (e, n, h + r), ("embed", "heads", "kv")))
-        q_nope, q_rope = q[..., :h], rope(q[..., h:], positions, cfg.rope_theta)  # [B, T, N, *]
+        rs = cfg.rope_scaling
+        q_nope, q_rope = q[..., :h], rope(q[..., h:], positions, cfg.rope_theta, rs)  # [B,T,N,*]
 
         kv = dense(x, weight("kv_down", (e, c + r), ("embed", "kv_lora")))  # [B, T, C+R]
         latent = RMSNorm(cfg, name="kv_norm")(kv[..., :c])  # [B, T, C]
-        rope_key = rope(kv[..., None, c:], positions, cfg.rope_theta)[:, :, 0]  # [B, T, R]
+        rope_key = rope(kv[..., None, c:], positions, cfg.rope_theta, rs)[:, :, 0]  # [B, T, R]
         w_uk = weight("k_up", (c, n, h), ("kv_lora", "heads", "kv"))
         w_uv = weight("v_up", (c, n, h), ("kv_lora", "heads", "kv"))
-        scale = 1.0 / math.sqrt(h + r)
+        scale = softmax_scale(cfg)
 
         if cache is None:
             k_nope, v = dense(latent, w_uk), dense(latent, w_uv)  # [B, T, N, H]
@@ -146,6 +149,19 @@ def absorbed_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, scale, mask
     # ("Unsupported element type for DotThunk: BF16 x BF16 = F32").
     ctx = _einsum("bntl,blc->bntc", probs.astype(latent.dtype), latent)
     return _einsum("bntc,cnh->btnh", ctx.astype(w_uv.dtype), w_uv)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(H + R), times mscale(factor, mscale_all_dim)^2 under yarn with mscale_all_dim
+    set: `DeepseekV3Attention.scaling` in transformers' modeling_deepseek_v3.py and
+    `DeepseekV2Attention.scaling` in vLLM's deepseek_v2.py (DeepSeek-V3: x 1.874 at factor
+    40). transformers' Llama attention has no such term (see `layers.Attention`)."""
+    _, _, h, r, _, _ = _dims(cfg)
+    scale = 1.0 / math.sqrt(h + r)
+    rs = cfg.rope_scaling
+    if rs.type == "yarn" and rs.mscale_all_dim:
+        scale *= yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2
+    return scale
 
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int, int, int, int]:
