@@ -16,6 +16,7 @@ from conftest import CONFIGS, tiny_model_config
 
 import mtp_jax
 from mtp_jax.config import ConfigDict, ConfigError, load_config
+from mtp_jax.model.config import RopeScalingConfig
 from mtp_jax.model.layers import attention_impl
 from mtp_jax.sharding import LOGICAL_RULES, make_mesh
 
@@ -90,7 +91,12 @@ def test_auto_picks_splash_for_a_tpu_slice_and_compiles_it():
         )
         mesh = make_mesh(config.mesh, devices)
         with jax.set_mesh(mesh):
-            assert attention_impl(Model(config.model).decoder().cfg, S, False, True) == "splash"
+            cfg = Model(config.model).decoder().cfg
+            assert attention_impl(cfg, S, False, True) == "splash"
+            mla = dataclasses.replace(cfg, attention="mla")  # auto keeps XLA for MLA ...
+            assert attention_impl(mla, S, False, True) == "xla"
+            mla = dataclasses.replace(mla, attention_impl="splash")  # ... unless asked
+            assert attention_impl(mla, S, False, True) == "splash"
         model, tx = Model(config.model), make_optimizer(config)
         abstract, shardings = abstract_state(config, model, tx, mesh)
         # TPU executables without a client cannot be read back from the persistent cache.
@@ -101,3 +107,40 @@ def test_auto_picks_splash_for_a_tpu_slice_and_compiles_it():
         finally:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
         assert "tpu_custom_call" in train_c.as_text(), layout
+
+
+def test_mla_splash_equals_its_xla_attention():
+    """MLA through the kernel (queries/keys of H + R, values of H, the one RoPE key repeated
+    per head, DeepSeek's scale with YaRN's mscale^2, not the kernel's 1/sqrt(H + R)): logits
+    of both depths on one device and on a (2, 2, 2) mesh, and gradients, equal the XLA form,
+    with packed documents."""
+    yarn = RopeScalingConfig(
+        type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=1.0
+    )
+    cfg = tiny_model_config(
+        attention="mla",
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        head_dim=8,
+        mtp_depth=1,
+        n_layers=1,
+        rope_scaling=yarn,
+    )
+    tokens = jax.random.randint(jax.random.key(2), (4, S + 1), 0, 97)
+    seg = jnp.where(jnp.arange(S + 1) < 70, 1, 2)[None].repeat(4, 0)
+    xla = mtp_jax.Model(dataclasses.replace(cfg, attention_impl="xla"))
+    splash = mtp_jax.Model(dataclasses.replace(cfg, attention_impl="splash"))
+    params = nn.unbox(xla.init(jax.random.key(0), tokens))["params"]
+
+    def loss(model):
+        return jax.jit(lambda p: jnp.sum(model.apply({"params": p}, tokens, seg).logits ** 2))
+
+    want = jax.jit(lambda p: xla.apply({"params": p}, tokens, seg).logits)(params)
+    got = jax.jit(lambda p: splash.apply({"params": p}, tokens, seg).logits)(params)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    mesh = make_mesh(ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        np.testing.assert_allclose(loss(splash)(params), loss(xla)(params), rtol=1e-5)
+    g_splash, g_xla = (jax.jit(jax.grad(loss(m)))(params) for m in (splash, xla))
+    for a, b in zip(jax.tree.leaves(g_splash), jax.tree.leaves(g_xla), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3)

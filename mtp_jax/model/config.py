@@ -224,8 +224,8 @@ class ModelConfig:
     )
     attention_impl: str = setting(
         "auto",
-        "attention kernel: auto (splash on TPUs, cuDNN on GPUs when possible) | xla | cudnn | "
-        "splash (Pallas TPU kernel; sequence a multiple of 128)",
+        "attention kernel: auto (splash on TPUs but for MLA, cuDNN on GPUs when possible) | xla "
+        "| cudnn | splash (Pallas TPU kernel, MLA too; sequence a multiple of 128)",
         choice(ATTENTION_IMPLS),
     )
 

@@ -253,14 +253,20 @@ def attention_impl(cfg: ModelConfig, seq_len: int, cached: bool, masked: bool) -
     `model.attention_impl` auto picks splash when compiling for TPUs (the current mesh's
     platform, so AOT plans for a slice count) for training forwards whose length the kernel
     takes, cuDNN on GPUs when no dense mask is needed, else XLA. Decoding (`cached`) always
-    runs XLA: its queries attend to a cache, not a causal square.
+    runs XLA: its queries attend to a cache, not a causal square. MLA (`model.attention`) takes the
+    kernel only when asked (splash): auto keeps XLA there, since the DeepSeek-V3 plan on
+    v5p:8x8x8 needed 3.9 GiB more temporaries per chip with the kernel at S = 4096 (README,
+    "Planning a TPU run"); MLA has no cuDNN path.
     """
     choice = cfg.attention_impl
     platform = xla_cpu.compile_platform()
     if cached or choice == "xla":
         return "xla"
-    if choice == "splash" or (choice == "auto" and platform == "tpu" and splash_supports(seq_len)):
+    auto_splash = platform == "tpu" and splash_supports(seq_len) and cfg.attention != "mla"
+    if choice == "splash" or (choice == "auto" and auto_splash):
         return "splash"
+    if cfg.attention == "mla":
+        return "xla"
     # cuDNN's fused kernel takes no dense mask (packed documents): XLA there.
     if not masked and (choice == "cudnn" or (choice == "auto" and platform == "gpu")):
         return "cudnn"

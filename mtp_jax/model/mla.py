@@ -12,8 +12,10 @@ scores = (q_nope . k_nope + rope(q_r) . k_r) / sqrt(H + R);  out = softmax(score
 ```
 (`model.rope_scaling` yarn with mscale_all_dim also multiplies the 1/sqrt(H + R) by
 mscale^2, as DeepSeek's attention does: `softmax_scale`.)
-Training runs this form. Decoding keeps only `LatentCache(latent [B, L, C], rope_key [B, L, R])`
-(C + R values per token and layer instead of 2 K H) and runs the weight-absorbed form:
+Training runs this form: `naive_attention` in XLA, or on TPUs the Pallas splash kernel
+(`splash_mla`, `model.attention_impl` auto | splash), which never forms the scores. Decoding
+keeps only `LatentCache(latent [B, L, C], rope_key [B, L, R])` (C + R values per token and
+layer instead of 2 K H) and runs the weight-absorbed form:
 q_lat = q_nope @ W_uk^T [B, T, N, C], scores = q_lat . latent + q_r . rope_key, out =
 ((probs . latent) @ W_uv) @ W_o, so per-head keys and values over the cache never exist. Cache
 writes and the causal mask follow `KVCache` (see `mtp_jax.model.layers`): T new slots at
@@ -30,7 +32,16 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.model.config import ModelConfig
-from mtp_jax.model.layers import RMSNorm, _init, _write_cache, dense, rope, yarn_mscale
+from mtp_jax.model.layers import (
+    RMSNorm,
+    _init,
+    _write_cache,
+    attention_impl,
+    dense,
+    rope,
+    yarn_mscale,
+)
+from mtp_jax.model.splash import splash_attention
 
 Array = jax.Array
 
@@ -98,8 +109,12 @@ class MLAttention(nn.Module):
 
         if cache is None:
             k_nope, v = dense(latent, w_uk), dense(latent, w_uv)  # [B, T, N, H]
-            mask = _training_mask(positions, segment_ids)
-            out = naive_attention(q_nope, q_rope, k_nope, rope_key, v, scale, mask)
+            masked = segment_ids is not None
+            if attention_impl(cfg, x.shape[1], cached=False, masked=masked) == "splash":
+                out = splash_mla(q_nope, q_rope, k_nope, rope_key, v, segment_ids, scale)
+            else:
+                mask = _training_mask(positions, segment_ids)
+                out = naive_attention(q_nope, q_rope, k_nope, rope_key, v, scale, mask)
             new_cache = None
         else:
             start = positions[:, 0]
@@ -133,6 +148,17 @@ def naive_attention(q_nope, q_rope, k_nope, rope_key, v, scale, mask) -> Array:
     scores += _einsum("btnr,bsr->bnts", q_rope, rope_key)  # the one RoPE key, for every head
     probs = _softmax(scores * scale, mask)
     return _einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+def splash_mla(q_nope, q_rope, k_nope, rope_key, v, segment_ids, scale) -> Array:
+    """`naive_attention` through the Pallas splash kernel (`model.attention_impl`, TPUs):
+    queries and keys of H + R (the one RoPE key repeated for every head), values of H; the
+    [B, N, T, S] scores are never formed. Shapes as `naive_attention`, causal within the
+    documents of segment_ids [B, T] (or one document: None)."""
+    keys = jnp.broadcast_to(rope_key[:, :, None, :], k_nope.shape[:3] + rope_key.shape[-1:])
+    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
+    k = jnp.concatenate([k_nope, keys.astype(k_nope.dtype)], axis=-1)
+    return splash_attention(q, k, v, segment_ids, scale)
 
 
 def absorbed_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, scale, mask) -> Array:

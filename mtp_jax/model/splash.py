@@ -58,7 +58,7 @@ def _kernel(heads: int, seq_len: int, interpret: bool):
 
 
 def _local(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
-    """q [b, N, T, H], k/v [b, N, T, H] (heads already repeated), segment_ids [b, T]."""
+    """q, k [b, N, T, H], v [b, N, T, Hv] (heads already repeated), segment_ids [b, T]."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     kernel = _kernel(q.shape[1], q.shape[2], xla_cpu.compile_platform() != "tpu")
@@ -79,13 +79,17 @@ def _mesh_axes(name: str, size: int, mesh) -> str | tuple[str, ...] | None:
     return names if names and size % total == 0 else None
 
 
-def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
-    """Causal attention within documents. q [B, T, N, H], k/v [B, T, K, H], segment_ids
-    [B, T] or None -> [B, T, N, H]. T must be a multiple of 128 (`supports`)."""
+def splash_attention(
+    q: Array, k: Array, v: Array, segment_ids: Array | None, scale: float | None = None
+) -> Array:
+    """Causal attention within documents. q, k [B, T, N|K, H], v [B, T, K, Hv] (MLA: Hv < H),
+    segment_ids [B, T] or None -> [B, T, N, Hv]. Scores are scaled by `scale` (default
+    1/sqrt(H)). T must be a multiple of 128 (`supports`)."""
     batch, seq, heads, width = q.shape
     if not supports(seq):
         raise ValueError(f"splash attention needs a multiple of {MIN_BLOCK} positions, got {seq}")
-    q = jnp.swapaxes(q * (width**-0.5), 1, 2)  # the kernel does not scale
+    scale = width**-0.5 if scale is None else scale
+    q = jnp.swapaxes(q * scale, 1, 2)  # the kernel does not scale
     k, v = (jnp.repeat(jnp.swapaxes(x, 1, 2), heads // x.shape[2], axis=1) for x in (k, v))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -380,8 +380,6 @@ def plan(config: Any, topology: str) -> PlanReport:
         attention = attention_impl(
             ModelConfig.from_any(config.model), seq, cached=False, masked=True
         )
-    if config.model.attention == "mla":  # MLA trains with its own XLA attention (model/mla.py)
-        attention = "xla"
     step_100 = flops_model / (peak * len(devices)) if peak else 0.0
 
     start = time.perf_counter()
