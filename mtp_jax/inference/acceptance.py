@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax.inference.decode import run_cached
 from mtp_jax.loss import accept_length, accept_walk, mtp_targets
 from mtp_jax.model.config import ModelConfig
 from mtp_jax.model.model import Model
@@ -52,27 +52,23 @@ def simulated_acceptance(
             f"text {tuple(text.shape)}: need [B, >= {need}] (longest prompt + max_new_tokens "
             f"{max_new_tokens} + 2 x mtp_depth {cfg.mtp_depth} - 1 tokens)"
         )
-    key = (cfg, max_new_tokens)
-    if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(functools.partial(_predictions, Model(cfg), max_new_tokens))
-    pred, mask = _COMPILED[key](params, text, plen)
-    tokens, steps = accept_walk(pred, mask)
-    total, count = accept_length(pred, mask)
+    build = lambda: functools.partial(_replay, Model(cfg), max_new_tokens)  # noqa: E731
+    key = ("simulated_acceptance", cfg, max_new_tokens)
+    (tokens, steps, total, count), _, _ = run_cached(key, build, params, text, plen)
     return {
-        "tokens_per_step": float(tokens / jnp.maximum(steps, 1.0)),
-        "accept_len": float(total / jnp.maximum(count, 1.0)),
+        "tokens_per_step": float(tokens / max(steps, 1.0)),
+        "accept_len": float(total / max(count, 1.0)),
         "steps": int(steps),
     }
 
 
-_COMPILED: dict = {}
-
-
-def _predictions(model, max_new_tokens, params, text, plen):
-    """Argmax of every depth over text[:, :-1], and the mask of the decoder's draft origins."""
+def _replay(model, max_new_tokens, params, text, plen):
+    """Every depth's argmax over text[:, :-1], restricted to the decoder's draft origins,
+    replayed (`accept_walk`) and averaged (`accept_length`)."""
     depth = model.config.mtp_depth
     pred = jnp.argmax(model.apply({"params": params}, text[:, :-1]).logits, -1)  # [D+1, B, S]
     _, mask = mtp_targets(text, None, depth)
     i = jnp.arange(mask.shape[-1])[None, :]
     origin = (i >= plen[:, None] - 1) & (i < plen[:, None] - 2 + max_new_tokens)
-    return pred, mask & origin[None]
+    mask = mask & origin[None]
+    return (*accept_walk(pred, mask), *accept_length(pred, mask))

@@ -159,7 +159,7 @@ class RopeScalingConfig(_Section):
 
 
 def _is_section(v: Any) -> bool:
-    return isinstance(v, MoEConfig | RopeScalingConfig | dict) or hasattr(v, "to_dict")
+    return isinstance(v, _Section | dict) or hasattr(v, "to_dict")
 
 
 @dataclasses.dataclass(frozen=True)
