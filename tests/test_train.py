@@ -202,6 +202,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(code_store, tmp_pa
     assert Checkpointer(str(tmp_path), config).all_steps() == [3]
 
 
+def test_full_disk_at_the_metrics_file_names_the_intact_checkpoint(
+    code_store, tmp_path, monkeypatch
+):
+    """A full disk may hit metrics.jsonl before the async checkpoint save reports it: the
+    error names the file and, like a failed save, the newest complete checkpoint."""
+    import errno
+
+    from mtp_jax.train.checkpoint import StorageError
+    from mtp_jax.train.metrics import MetricWriter, storage_error
+
+    config = tiny_train_config(
+        code_store, "train.steps=6", "checkpoint.every=2", "train.log_every=2"
+    )
+    write = MetricWriter.write
+
+    def full_after_step_4(self, step, record):
+        if step > 4:
+            raise storage_error("metrics to", self.path, OSError(errno.ENOSPC, "No space"))
+        write(self, step, record)
+
+    monkeypatch.setattr(MetricWriter, "write", full_after_step_4)
+    with pytest.raises(StorageError, match=r"metrics\.jsonl.*No space.*step 4, intact"):
+        train(config, str(tmp_path), devices=jax.devices()[:1], progress=False)
+
+
 def test_smoke_config_trains_and_logs_every_depth(code_store, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     workdir = "smoke"  # relative, as in README's quickstart

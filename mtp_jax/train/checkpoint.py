@@ -147,14 +147,21 @@ class Checkpointer:
             os_error = _os_error(e)
             if os_error is None:
                 raise
-            done = self.complete_steps()
-            newest = f"step {done[-1]}, intact" if done else "none"
             which = f"of step {step} " if step is not None else ""
             raise StorageError(
                 f"checkpoint save {which}to {os.fspath(self.manager.directory)} failed: "
-                f"{os_error.strerror or os_error}. Newest complete checkpoint: {newest}. Free "
-                "space (or fix the mount) and run the same command again to resume from it."
+                f"{os_error.strerror or os_error}. {self.resume_hint()}"
             ) from e
+
+    def resume_hint(self) -> str:
+        """What a user whose storage failed can resume from (any failed write: a full disk
+        may hit the metrics file before the checkpoint save reports it)."""
+        done = self.complete_steps()
+        newest = f"step {done[-1]}, intact" if done else "none"
+        return (
+            f"Newest complete checkpoint: {newest}. Free space (or fix the mount) and run the "
+            "same command again to resume from it."
+        )
 
     def restore(self, target: Any, data_iter: Any | None = None, step: int | None = None):
         """Restores the newest readable checkpoint (or `step`) onto `target`'s shardings.

@@ -28,7 +28,7 @@ from mtp_jax.sharding import (
     make_mesh,
     with_shardings,
 )
-from mtp_jax.train.checkpoint import Checkpointer
+from mtp_jax.train.checkpoint import Checkpointer, StorageError
 from mtp_jax.train.metrics import MetricWriter, eval_summary, train_summary
 from mtp_jax.train.mfu import device_peak_flops
 from mtp_jax.train.state import abstract_state, init_state, make_optimizer
@@ -496,7 +496,10 @@ def _loop(run: _Run, state) -> TrainResult:
                 timer, timed_steps = time.perf_counter(), 0
 
             if record:
-                writer.write(step, record)
+                try:
+                    writer.write(step, record)
+                except StorageError as e:  # a full disk: say what survives
+                    raise StorageError(f"{e}. {checkpointer.resume_hint()}") from e
             stop = preempt.should_stop(step, t.log_every)
             save_now = (ck.every and step % ck.every == 0) or step == t.steps or stop
             if save_now:
